@@ -1,0 +1,201 @@
+"""Every SQL statement Gristmill runs, named and side by side.
+
+The schema lives in migrations/; the other layers call functions in store/,
+never SQL.
+"""
+
+# Columns copied from `jobs` to `job_history` when a job ends.
+_HISTORY_COLUMNS = (
+    "id, namespace, kind, script_name, script_hash, tag, priority, status, input,"
+    " result, error, attempts, worker_id, created_at, started_at, finished_at"
+)
+
+NOTIFY_JOBS = "SELECT pg_notify('gristmill_jobs', tag) FROM unnest(%s::text[]) AS t(tag)"
+NOTIFY_CANCEL = "SELECT pg_notify('gristmill_cancel', %s)"
+
+# --- scripts -----------------------------------------------------------------
+
+PUT_SCRIPT_VERSION = """
+INSERT INTO script_versions (hash, spec) VALUES (%s, %s) ON CONFLICT (hash) DO NOTHING
+"""
+
+PUT_SCRIPT = """
+INSERT INTO scripts (namespace, name, hash) VALUES (%s, %s, %s)
+ON CONFLICT (namespace, name) DO UPDATE SET hash = excluded.hash, updated_at = now()
+WHERE scripts.hash IS DISTINCT FROM excluded.hash
+"""
+
+DELETE_SCRIPT = "DELETE FROM scripts WHERE namespace = %s AND name = %s"
+
+GET_SCRIPT = """
+SELECT s.hash, v.spec FROM scripts s JOIN script_versions v USING (hash)
+WHERE s.namespace = %s AND s.name = %s
+"""
+
+GET_SCRIPT_VERSIONS = "SELECT hash, spec FROM script_versions WHERE hash = ANY (%s)"
+
+LIST_SCRIPTS = """
+SELECT s.namespace, s.name, s.hash, s.updated_at FROM scripts s
+WHERE %(namespace)s::text IS NULL OR s.namespace = %(namespace)s
+ORDER BY s.namespace, s.name
+"""
+
+# --- the queue ---------------------------------------------------------------
+
+ENQUEUE = """
+INSERT INTO jobs (id, namespace, kind, script_name, script_hash, tag, priority, input,
+                  scheduled_for, max_attempts, concurrency_key, concurrency_limit)
+SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+                     %s::smallint[], %s::jsonb[], %s::timestamptz[], %s::int[], %s::text[],
+                     %s::int[])
+"""
+
+CLAIM = "SELECT * FROM gristmill_claim_jobs(%s, %s, %s)"
+
+# Requeue failed attempts that have attempts left (unless cancelled), then move
+# every other finished attempt to history, in one statement. An outcome only
+# applies while the job is still this worker's and still on that attempt: a
+# worker that was presumed dead and reaped cannot finish the job a second time.
+FINISH = f"""
+WITH outcome AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(statuses)s::text[],
+                         %(results)s::jsonb[], %(errors)s::jsonb[], %(retry_delays)s::float8[])
+        AS o(id, attempt, status, result, error, retry_delay)
+), mine AS (
+    SELECT j.*, o.status AS outcome_status, o.result AS outcome_result,
+           o.error AS outcome_error, o.retry_delay
+    FROM jobs j JOIN outcome o ON o.id = j.id AND o.attempt = j.attempt
+    WHERE j.worker_id = %(worker)s AND j.status = 'running'
+), requeued AS (
+    UPDATE jobs j SET status = 'queued', worker_id = NULL, started_at = NULL,
+                      scheduled_for = now() + make_interval(secs => m.retry_delay),
+                      last_error = m.outcome_error
+    FROM mine m
+    WHERE j.id = m.id AND m.outcome_status = 'failed' AND m.retry_delay IS NOT NULL
+      AND NOT m.cancel_requested
+    RETURNING j.id
+), done AS (
+    DELETE FROM jobs j USING mine m
+    WHERE j.id = m.id
+      AND NOT (m.outcome_status = 'failed' AND m.retry_delay IS NOT NULL AND NOT m.cancel_requested)
+    RETURNING m.*
+), moved AS (
+    INSERT INTO job_history ({_HISTORY_COLUMNS})
+    SELECT id, namespace, kind, script_name, script_hash, tag, priority,
+           CASE WHEN cancel_requested AND outcome_status = 'failed' THEN 'cancelled'
+                ELSE outcome_status END,
+           input, outcome_result, outcome_error, attempt, worker_id, created_at, started_at, now()
+    FROM done
+    RETURNING id, status
+)
+SELECT id, 'requeued' AS status FROM requeued
+UNION ALL SELECT id, status FROM moved
+"""
+
+# Jobs whose worker vanished or stopped heartbeating for longer than the lease:
+# requeued while attempts remain, else failed.
+REAP = f"""
+WITH lost AS (
+    SELECT j.id FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id
+    WHERE j.status = 'running' AND (w.id IS NULL OR w.heartbeat_at < now() - %(lease)s)
+    FOR UPDATE OF j SKIP LOCKED
+), requeued AS (
+    UPDATE jobs j SET status = 'queued', worker_id = NULL, started_at = NULL,
+                      scheduled_for = now(), last_error = %(error)s
+    FROM lost WHERE j.id = lost.id AND j.attempt < j.max_attempts AND NOT j.cancel_requested
+    RETURNING j.id
+), failed AS (
+    DELETE FROM jobs j USING lost
+    WHERE j.id = lost.id AND NOT (j.attempt < j.max_attempts AND NOT j.cancel_requested)
+    RETURNING j.*
+), moved AS (
+    INSERT INTO job_history ({_HISTORY_COLUMNS})
+    SELECT id, namespace, kind, script_name, script_hash, tag, priority,
+           CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END,
+           input, NULL, %(error)s, attempt, worker_id, created_at, started_at, now()
+    FROM failed
+    RETURNING id, status
+)
+SELECT id, 'requeued' AS status FROM requeued
+UNION ALL SELECT id, status FROM moved
+"""
+
+# A stopping worker gives back jobs it has not finished; that attempt does not count.
+HAND_BACK = """
+UPDATE jobs SET status = 'queued', worker_id = NULL, started_at = NULL,
+                attempt = attempt - 1, scheduled_for = now()
+WHERE worker_id = %s AND status = 'running' AND id = ANY (%s)
+RETURNING id, tag
+"""
+
+CANCEL_QUEUED = f"""
+WITH gone AS (DELETE FROM jobs WHERE id = %(id)s AND status = 'queued' RETURNING *)
+INSERT INTO job_history ({_HISTORY_COLUMNS})
+SELECT id, namespace, kind, script_name, script_hash, tag, priority, 'cancelled', input,
+       NULL, %(error)s, attempt, worker_id, created_at, started_at, now()
+FROM gone
+RETURNING id
+"""
+
+CANCEL_RUNNING = """
+UPDATE jobs SET cancel_requested = true WHERE id = %s AND status = 'running' RETURNING id
+"""
+
+GET_ACTIVE_JOB = """
+SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input,
+       NULL::jsonb AS result, last_error AS error, attempt AS attempts, max_attempts, worker_id,
+       created_at, scheduled_for, started_at, NULL::timestamptz AS finished_at
+FROM jobs WHERE id = %s
+"""
+
+GET_FINISHED_JOB = """
+SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input, result,
+       error, attempts, NULL::int AS max_attempts, worker_id, created_at,
+       NULL::timestamptz AS scheduled_for, started_at, finished_at
+FROM job_history WHERE id = %s
+"""
+
+QUEUE_DEPTH_BY_TAG = """
+SELECT tag, count(*) FILTER (WHERE status = 'queued' AND scheduled_for <= now()) AS queued,
+       count(*) FILTER (WHERE status = 'running') AS running,
+       extract(epoch FROM now() - min(scheduled_for) FILTER (
+           WHERE status = 'queued' AND scheduled_for <= now())) AS oldest_queued_s
+FROM jobs GROUP BY tag
+"""
+
+# --- workers -----------------------------------------------------------------
+
+REGISTER_WORKER = """
+INSERT INTO workers (id, hostname, pid, tags, concurrency) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopping = false
+"""
+
+# Heartbeat renews the lease on all of a worker's jobs at once and reports
+# which of them someone asked to cancel.
+HEARTBEAT = """
+WITH beat AS (UPDATE workers SET heartbeat_at = now() WHERE id = %(worker)s RETURNING id)
+SELECT j.id FROM jobs j
+WHERE j.worker_id = %(worker)s AND j.status = 'running' AND j.cancel_requested
+"""
+
+DEREGISTER_WORKER = "DELETE FROM workers WHERE id = %s"
+
+FORGET_DEAD_WORKERS = """
+DELETE FROM workers w WHERE w.heartbeat_at < now() - %s
+AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.worker_id = w.id)
+"""
+
+# --- logs --------------------------------------------------------------------
+
+APPEND_LOGS = """
+INSERT INTO job_logs (job_id, chunk) SELECT * FROM unnest(%s::uuid[], %s::text[])
+"""
+
+READ_LOGS = """
+SELECT seq, chunk FROM job_logs WHERE job_id = %s AND seq > %s ORDER BY seq LIMIT %s
+"""
+
+# --- maintenance ---------------------------------------------------------------
+
+ENSURE_PARTITIONS = "SELECT gristmill_ensure_partitions(%s, %s, %s)"
+DROP_PARTITIONS_BEFORE = "SELECT gristmill_drop_partitions_before(%s, %s)"

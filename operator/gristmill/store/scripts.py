@@ -1,0 +1,46 @@
+"""Script versions, stored by content hash; a name points at its current version."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from gristmill.store import queries
+
+
+async def put(
+    conn: psycopg.AsyncConnection, namespace: str, name: str, version: str, spec: dict[str, Any]
+) -> bool:
+    """Store a version and point `namespace/name` at it; True when the name moved."""
+    await conn.execute(queries.PUT_SCRIPT_VERSION, [version, Jsonb(spec)])
+    cur = await conn.execute(queries.PUT_SCRIPT, [namespace, name, version])
+    return cur.rowcount > 0
+
+
+async def delete(conn: psycopg.AsyncConnection, namespace: str, name: str) -> bool:
+    """Stop new runs of a Script; its versions stay for the runs that pinned them."""
+    cur = await conn.execute(queries.DELETE_SCRIPT, [namespace, name])
+    return cur.rowcount > 0
+
+
+async def get(
+    conn: psycopg.AsyncConnection, namespace: str, name: str
+) -> tuple[str, dict[str, Any]] | None:
+    """The current (version, spec) of a Script, or None."""
+    cur = await conn.execute(queries.GET_SCRIPT, [namespace, name])
+    return await cur.fetchone()
+
+
+async def get_versions(
+    conn: psycopg.AsyncConnection, versions: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    cur = await conn.execute(queries.GET_SCRIPT_VERSIONS, [list(versions)])
+    return {version: spec for version, spec in await cur.fetchall()}
+
+
+async def list_all(conn: psycopg.AsyncConnection, namespace: str | None = None) -> list[tuple]:
+    cur = await conn.execute(queries.LIST_SCRIPTS, {"namespace": namespace})
+    return list(await cur.fetchall())

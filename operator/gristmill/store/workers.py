@@ -1,0 +1,36 @@
+"""Worker registration and heartbeats: the lease behind every claimed job."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+
+import psycopg
+
+from gristmill.store import queries
+
+
+async def register(
+    conn: psycopg.AsyncConnection, worker_id: str, tags: Sequence[str], concurrency: int
+) -> None:
+    await conn.execute(
+        queries.REGISTER_WORKER,
+        [worker_id, socket.gethostname(), os.getpid(), list(tags), concurrency],
+    )
+
+
+async def heartbeat(conn: psycopg.AsyncConnection, worker_id: str) -> set[uuid.UUID]:
+    """Renew the lease on the worker's jobs; return those someone asked to cancel."""
+    cur = await conn.execute(queries.HEARTBEAT, {"worker": worker_id})
+    return {row[0] for row in await cur.fetchall()}
+
+
+async def deregister(conn: psycopg.AsyncConnection, worker_id: str) -> None:
+    await conn.execute(queries.DEREGISTER_WORKER, [worker_id])
+
+
+async def forget_dead(conn: psycopg.AsyncConnection, older_than: dt.timedelta) -> None:
+    await conn.execute(queries.FORGET_DEAD_WORKERS, [older_than])

@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from gristmill.spec import Script
 from gristmill.store import queries
 
 
@@ -44,3 +45,11 @@ async def get_versions(
 async def list_all(conn: psycopg.AsyncConnection, namespace: str | None = None) -> list[tuple]:
     cur = await conn.execute(queries.LIST_SCRIPTS, {"namespace": namespace})
     return list(await cur.fetchall())
+
+
+async def apply(conn: psycopg.AsyncConnection, script: Script) -> tuple[str, bool]:
+    """Store a validated Script manifest; return (version, whether the name moved)."""
+    version = script.spec.content_hash()
+    moved = await put(conn, script.metadata.namespace, script.metadata.name, version,
+                      script.spec.model_dump(mode="json", by_alias=True))
+    return version, moved

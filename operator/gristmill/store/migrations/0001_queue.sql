@@ -100,6 +100,8 @@ DECLARE
     created integer := 0;
     part text;
 BEGIN
+    -- Every worker calls this; one at a time, so two never create the same table.
+    PERFORM pg_advisory_xact_lock(hashtext('gristmill_ensure_partitions'));
     FOR i IN -p_days_back .. p_days_ahead LOOP
         day := (now() AT TIME ZONE 'UTC')::date + i;
         part := format('%s_p%s', p_table, to_char(day, 'YYYYMMDD'));
@@ -145,6 +147,10 @@ DECLARE
     deferred uuid[] := '{}';
     key_budget jsonb := '{}';
 BEGIN
+    IF p_tags = ARRAY['*'] THEN
+        -- A worker that serves every tag (gristmill dev): the tags that have queued jobs.
+        p_tags := ARRAY(SELECT DISTINCT tag FROM jobs WHERE status = 'queued');
+    END IF;
     FOR cand IN
         SELECT c.id, c.concurrency_key, c.concurrency_limit
         FROM unnest(p_tags) AS t(tag),

@@ -99,7 +99,10 @@ class EmbeddedPostgres:
         if self.user is not None:
             cmd = ["setpriv", f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}",
                    "--clear-groups", "--", *cmd]
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
+        # A session of its own: Ctrl-C in the terminal must not reach the server, whose
+        # SIGINT means "fast shutdown"; `gristmill dev` stops it in order instead.
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd="/",
+                                start_new_session=True)
         if check and result.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed: {result.stderr.strip() or result.stdout.strip()}")
         return result
@@ -125,6 +128,8 @@ class EmbeddedPostgres:
         """Start the server (initialising it if needed) and return the URL of its database."""
         if not self.initialised():
             self.init()
+        elif (self.pgdata / "postmaster.pid").exists():
+            self.stop()  # left running by a session that was killed
         if self.user is not None:
             _open_path_for(self.data_dir)
         self.port = self.port or _free_port()

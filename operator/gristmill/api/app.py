@@ -1,0 +1,162 @@
+"""The HTTP API (aiohttp): submit runs, read them back, follow logs, cancel, metrics.
+
+Routes:
+  POST /api/v1/namespaces/{ns}/scripts/{name}/runs   {"input": {...}}  -> 201 {"id", "status"}
+  GET  /api/v1/runs/{id}                             the run: status, result, error, timings
+  GET  /api/v1/runs/{id}/logs[?after=SEQ][&follow=1] the log as text (follow streams it)
+  POST /api/v1/runs/{id}/cancel
+  GET  /api/v1/scripts[?namespace=NS]
+  GET  /healthz, /metrics
+A mistake in a request gets a 4xx with {"error": "what is wrong and how to fix it"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import psycopg
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from psycopg_pool import AsyncConnectionPool
+
+from gristmill.api.runs import RunError, ScriptCatalog, get_run, parse_run_id, submit_script_run
+from gristmill.store import logs, queue
+from gristmill.store import scripts as script_store
+
+FINAL_STATUSES = {"succeeded", "failed", "cancelled"}
+LOG_POLL_S = 0.2
+
+POOL = web.AppKey("pool", AsyncConnectionPool)
+CATALOG = web.AppKey("catalog", ScriptCatalog)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except RunError as exc:
+        return web.json_response({"error": exc.message}, status=exc.status)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as exc:
+        raise RunError(400, f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise RunError(400, "the request body must be a JSON object such as {\"input\": {}}")
+    return body
+
+
+async def submit_script(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    ns, name = request.match_info["namespace"], request.match_info["name"]
+    async with request.app[POOL].connection() as conn:
+        run = await submit_script_run(conn, request.app[CATALOG], ns, name, body)
+    return web.json_response(run, status=201)
+
+
+async def show_run(request: web.Request) -> web.Response:
+    run_id = parse_run_id(request.match_info["id"])
+    async with request.app[POOL].connection() as conn:
+        return web.json_response(await get_run(conn, run_id))
+
+
+async def cancel_run(request: web.Request) -> web.Response:
+    run_id = parse_run_id(request.match_info["id"])
+    async with request.app[POOL].connection() as conn:
+        async with conn.transaction():
+            state = await queue.cancel(conn, run_id, "cancelled by request")
+        if state is None:
+            run = await get_run(conn, run_id)  # 404 if unknown
+            raise RunError(409, f"run {run_id} already ended ({run['status']}); nothing to cancel")
+    return web.json_response({"id": str(run_id), "status": state})
+
+
+async def run_logs(request: web.Request) -> web.StreamResponse:
+    run_id = parse_run_id(request.match_info["id"])
+    follow = request.query.get("follow", "") in ("1", "true", "yes")
+    try:
+        after = int(request.query.get("after", "0"))
+    except ValueError as exc:
+        raise RunError(400, "after must be a log sequence number (an integer)") from exc
+    pool = request.app[POOL]
+    async with pool.connection() as conn:
+        await get_run(conn, run_id)  # 404 for an unknown run
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    while True:
+        async with pool.connection() as conn:
+            # Read the status first: logs are stored before a job is seen finished.
+            finished = (await get_run(conn, run_id))["status"] in FINAL_STATUSES
+            entries = await logs.read(conn, run_id, after)
+        for seq, chunk in entries:
+            await response.write(chunk.encode())
+            after = seq
+        if entries:
+            continue
+        if not follow or finished:
+            break
+        await asyncio.sleep(LOG_POLL_S)
+    await response.write_eof()
+    return response
+
+
+async def list_scripts(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        rows = await script_store.list_all(conn, request.query.get("namespace"))
+    return web.json_response([
+        {"namespace": ns, "name": name, "version": version, "updatedAt": updated.isoformat()}
+        for ns, name, version, updated in rows
+    ])
+
+
+async def healthz(request: web.Request) -> web.Response:
+    try:
+        async with request.app[POOL].connection(timeout=2) as conn:
+            await conn.execute("SELECT 1")
+    except (psycopg.Error, TimeoutError) as exc:
+        return web.json_response({"status": "database unreachable", "error": str(exc)}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = CollectorRegistry()
+    queued = Gauge("gristmill_queue_jobs", "Jobs due and waiting, by tag", ["tag"],
+                   registry=registry)
+    running = Gauge("gristmill_running_jobs", "Jobs running, by tag", ["tag"], registry=registry)
+    oldest = Gauge("gristmill_queue_oldest_job_age_seconds", "Age of the oldest due job, by tag",
+                   ["tag"], registry=registry)
+    async with request.app[POOL].connection() as conn:
+        for tag, depth in (await queue.queue_depth(conn)).items():
+            queued.labels(tag).set(depth["queued"])
+            running.labels(tag).set(depth["running"])
+            oldest.labels(tag).set(depth["oldest_queued_s"])
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(database_url: str, pool_size: int = 8) -> web.Application:
+    app = web.Application(middlewares=[_errors])
+    app[CATALOG] = ScriptCatalog()
+
+    async def open_pool(app: web.Application):
+        pool = AsyncConnectionPool(database_url, min_size=1, max_size=pool_size, open=False,
+                                   kwargs={"autocommit": True})
+        await pool.open(wait=True, timeout=30)
+        app[POOL] = pool
+        yield
+        await pool.close()
+
+    app.cleanup_ctx.append(open_pool)
+    app.router.add_post("/api/v1/namespaces/{namespace}/scripts/{name}/runs", submit_script)
+    app.router.add_get("/api/v1/runs/{id}", show_run)
+    app.router.add_get("/api/v1/runs/{id}/logs", run_logs)
+    app.router.add_post("/api/v1/runs/{id}/cancel", cancel_run)
+    app.router.add_get("/api/v1/scripts", list_scripts)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,302 @@
+"""The `gristmill` command: dev, run, get, logs, cancel, worker, api, migrate, apply."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from gristmill.client import ApiError, Client, default_server
+
+
+class UsageError(Exception):
+    """A mistake on the command line: printed as one line, exit code 2."""
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    url = args.database_url or os.environ.get("GRISTMILL_DATABASE_URL")
+    if not url:
+        raise UsageError("no database: pass --database-url or set GRISTMILL_DATABASE_URL "
+                         "(e.g. postgresql://user:pass@host:5432/gristmill)")
+    return url
+
+
+def _read_input(args: argparse.Namespace) -> dict[str, Any]:
+    if args.input is not None and args.input_file is not None:
+        raise UsageError("give --input or --input-file, not both")
+    if args.input_file is not None:
+        try:
+            text = Path(args.input_file).read_text() if args.input_file != "-" else sys.stdin.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read --input-file {args.input_file}: {exc.strerror}") from exc
+        source = args.input_file
+    else:
+        text, source = args.input or "{}", "--input"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno} column "
+                         f"{exc.colno}); pass an object such as '{{\"name\": \"world\"}}'") from exc
+    if not isinstance(value, dict):
+        raise UsageError(f"{source} must be a JSON object such as '{{\"name\": \"world\"}}'")
+    return value
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _report_failure(client: Client, run: dict[str, Any]) -> int:
+    error = run.get("error") or {}
+    print(f"run {run['id']} {run['status']}: {error.get('message', 'no error message')}",
+          file=sys.stderr)
+    tail = client.log_tail(run["id"])
+    if tail:
+        print("--- last lines of the log ---", file=sys.stderr)
+        print(tail, file=sys.stderr)
+    return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    client = Client(args.server)
+    body: dict[str, Any] = {"input": _read_input(args)}
+    if args.priority is not None:
+        body["priority"] = args.priority
+    submitted = client.submit_script(args.namespace, args.name, body)
+    if not args.wait:
+        if args.output == "json":
+            _print_json(submitted)
+        else:
+            print(submitted["id"])
+        return 0
+    run = client.wait(submitted["id"], timeout=args.timeout)
+    if args.output == "json":
+        _print_json(run)
+        return 0 if run["status"] == "succeeded" else 1
+    if run["status"] != "succeeded":
+        return _report_failure(client, run)
+    _print_json(run["result"])
+    return 0
+
+
+def cmd_get_run(args: argparse.Namespace) -> int:
+    run = Client(args.server).get_run(args.run_id)
+    if args.output == "json":
+        _print_json(run)
+        return 0
+    rows = [("id", run["id"]), ("script", f"{run['namespace']}/{run['script']}"),
+            ("version", (run["version"] or "")[:12]), ("status", run["status"]),
+            ("attempts", f"{run['attempts']}" + (f"/{run['maxAttempts']}" if run["maxAttempts"] else "")),
+            ("created", run["createdAt"]), ("started", run["startedAt"]),
+            ("finished", run["finishedAt"]),
+            ("duration", f"{run['durationMs']} ms" if run["durationMs"] is not None else None)]
+    for key, value in rows:
+        if value is not None:
+            print(f"{key + ':':<10} {value}")
+    if run["result"] is not None:
+        print("result:    " + json.dumps(run["result"]))
+    if run["error"]:
+        print("error:     " + run["error"].get("message", ""))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    for chunk in Client(args.server).logs(args.run_id, follow=args.follow):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    answer = Client(args.server).cancel(args.run_id)
+    print(f"run {answer['id']} {answer['status']}")
+    return 0
+
+
+def _run_until_signalled(main) -> int:
+    """Run an async main(stop_event) until SIGINT/SIGTERM sets the event."""
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop) or 0
+
+    return asyncio.run(runner())
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from gristmill.sandbox import process
+    from gristmill.store.migrate import migrate_url
+    from gristmill.worker.loop import Worker, WorkerConfig
+
+    url = _database_url(args)
+    process.check_sandbox_available()
+    tags = [t.strip() for t in args.tags.split(",") if t.strip()]
+    if not tags:
+        raise UsageError("--tags needs at least one tag, e.g. --tags python,bash")
+    config = WorkerConfig(database_url=url, tags=tags, concurrency=args.concurrency,
+                          lease=dt.timedelta(seconds=args.lease), grace_period=args.grace_period,
+                          poll_interval=args.poll_interval)
+
+    async def main(stop: asyncio.Event) -> None:
+        await migrate_url(url)
+        await Worker(config, process.ProcessExecutor()).run(stop)
+
+    return _run_until_signalled(main)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from gristmill.store.migrate import migrate_url
+
+    applied = asyncio.run(migrate_url(_database_url(args)))
+    print(f"applied {len(applied)} migration(s)" + (
+        ": " + ", ".join(f"{m.version:04d}_{m.name}" for m in applied) if applied else
+        "; the schema is up to date"))
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from gristmill.api.server import serve
+    from gristmill.store.migrate import migrate_url
+
+    url = _database_url(args)
+
+    async def main(stop: asyncio.Event) -> None:
+        await migrate_url(url)
+        await serve(url, args.host, args.port, stop)
+
+    return _run_until_signalled(main)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from gristmill.dev.manifests import apply_paths
+
+    url = _database_url(args)
+    report = asyncio.run(apply_paths(url, args.paths))
+    for line in report.lines():
+        print(line)
+    return 1 if report.errors else 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from gristmill.dev.server import DevOptions, run_dev
+
+    options = DevOptions(
+        paths=args.paths, database_url=args.database_url or os.environ.get("GRISTMILL_DATABASE_URL"),
+        data_dir=Path(args.data_dir), workers=args.workers or os.cpu_count() or 1,
+        host=args.host, port=args.port,
+    )
+    return _run_until_signalled(lambda stop: run_dev(options, stop))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gristmill",
+                                     description="Scripts and workflows on Kubernetes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", default=default_server(),
+                       help="API URL (env GRISTMILL_SERVER, default %(default)s)")
+
+    def db_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--database-url", help="PostgreSQL URL (env GRISTMILL_DATABASE_URL)")
+
+    p = sub.add_parser("dev", help="run everything locally: Postgres, API, workers")
+    p.add_argument("paths", nargs="*", default=["."], help="manifest files or directories")
+    db_args(p)
+    p.add_argument("--data-dir", default=".gristmill", help="embedded Postgres data (%(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="local workers (default: cores)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("run", help="submit a run")
+    run_sub = p.add_subparsers(dest="what", required=True, metavar="KIND")
+    p = run_sub.add_parser("script", help="run a Script")
+    p.add_argument("name")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--input", help="input as a JSON object")
+    p.add_argument("--input-file", help="file holding the input JSON (- for stdin)")
+    p.add_argument("--priority", type=int)
+    p.add_argument("--wait", action="store_true", help="wait and print the result")
+    p.add_argument("--timeout", type=float, help="with --wait: give up after SECONDS")
+    p.add_argument("-o", "--output", choices=["json"], help="print the whole run as JSON")
+    client_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("get", help="show a run")
+    get_sub = p.add_subparsers(dest="what", required=True, metavar="KIND")
+    p = get_sub.add_parser("run", help="show a run")
+    p.add_argument("run_id")
+    p.add_argument("-o", "--output", choices=["json"])
+    client_args(p)
+    p.set_defaults(func=cmd_get_run)
+
+    p = sub.add_parser("logs", help="print a run's log")
+    p.add_argument("run_id")
+    p.add_argument("-f", "--follow", action="store_true", help="stream until the run ends")
+    client_args(p)
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", help="cancel a run")
+    p.add_argument("run_id")
+    client_args(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("worker", help="run a worker (what a WorkerGroup's pods run)")
+    db_args(p)
+    p.add_argument("--tags", default="python,bash", help="tags to serve (%(default)s)")
+    p.add_argument("--concurrency", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--lease", type=float, default=30.0,
+                   help="seconds without a heartbeat before a worker's jobs are re-queued")
+    p.add_argument("--grace-period", type=float, default=30.0,
+                   help="seconds to finish running jobs on SIGTERM before handing them back")
+    p.add_argument("--poll-interval", type=float, default=1.0,
+                   help="seconds between claims when no notification arrives")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("api", help="serve the HTTP API")
+    db_args(p)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("migrate", help="create or upgrade the database schema")
+    db_args(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("apply", help="store Script manifests in the database (no cluster)")
+    p.add_argument("paths", nargs="+")
+    db_args(p)
+    p.set_defaults(func=cmd_apply)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gristmill.dev.postgres import PostgresNotFound
+    from gristmill.sandbox.base import SandboxUnavailable
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("GRISTMILL_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (UsageError, ApiError, PostgresNotFound, SandboxUnavailable) as exc:
+        print(f"gristmill: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

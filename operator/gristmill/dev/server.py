@@ -1,0 +1,160 @@
+"""`gristmill dev`: Postgres, the API and local workers in one command, no cluster.
+
+The workers are real `gristmill worker` processes (what a WorkerGroup's pods
+run), supervised here and restarted if they die. Manifests are re-applied
+when their files change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from gristmill.api.server import serve
+from gristmill.dev.manifests import apply_manifests
+from gristmill.dev.postgres import EmbeddedPostgres
+from gristmill.sandbox.process import check_sandbox_available
+from gristmill.store.migrate import migrate_url
+
+log = logging.getLogger("gristmill.dev")
+
+RELOAD_INTERVAL_S = 1.0
+WORKER_STOP_TIMEOUT_S = 15.0
+
+
+@dataclass
+class DevOptions:
+    paths: list[str]
+    database_url: str | None
+    data_dir: Path
+    workers: int
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+def _manifest_snapshot(paths: list[str]) -> dict[str, tuple[float, int]]:
+    """mtime and size of every manifest file under `paths`, to notice edits."""
+    snapshot = {}
+    for root in map(Path, paths):
+        files = [root] if root.is_file() else [
+            p for p in root.rglob("*") if p.suffix in (".yaml", ".yml")]
+        for path in files:
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                snapshot[str(path)] = (stat.st_mtime, stat.st_size)
+    return snapshot
+
+
+class WorkerPool:
+    """N `gristmill worker` processes serving every tag, restarted when they die."""
+
+    def __init__(self, database_url: str, count: int):
+        self.database_url = database_url
+        self.count = count
+        self.processes: list[asyncio.subprocess.Process] = []
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        env = {**os.environ, "GRISTMILL_DATABASE_URL": self.database_url}
+        # A session of its own: Ctrl-C reaches `dev`, which stops workers in order.
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gristmill.cli", "worker", "--tags", "*", "--concurrency", "1",
+            env=env, start_new_session=True)
+
+    async def start(self) -> None:
+        self.processes = [await self._spawn() for _ in range(self.count)]
+
+    async def supervise(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            for i, process in enumerate(self.processes):
+                if process.returncode is not None:
+                    log.warning("worker %d exited with %s; restarting it", i, process.returncode)
+                    self.processes[i] = await self._spawn()
+
+    async def stop(self) -> None:
+        for process in self.processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                await asyncio.wait_for(process.wait(), WORKER_STOP_TIMEOUT_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def _reload_forever(url: str, paths: list[str], names: set[tuple[str, str]]) -> None:
+    snapshot = _manifest_snapshot(paths)
+    while True:
+        await asyncio.sleep(RELOAD_INTERVAL_S)
+        current = _manifest_snapshot(paths)
+        if current == snapshot:
+            continue
+        snapshot = current
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            report = await apply_manifests(conn, paths, previously=names)
+        names.clear()
+        names.update(report.names)
+        for line in report.lines() or ["manifests changed; nothing to apply"]:
+            print(f"[reload] {line}", flush=True)
+
+
+async def run_dev(options: DevOptions, stop: asyncio.Event) -> int:
+    check_sandbox_available()
+    for path in options.paths:
+        if not Path(path).exists():
+            print(f"gristmill: {path}: no such file or directory", file=sys.stderr)
+            return 2
+    server = None
+    url = options.database_url
+    if url is None:
+        server = EmbeddedPostgres(options.data_dir.absolute() / "postgres")
+        url = await asyncio.to_thread(server.start)
+    workers = WorkerPool(url, options.workers)
+    tasks: list[asyncio.Task] = []
+    try:
+        await migrate_url(url)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            report = await apply_manifests(conn, options.paths)
+        for line in report.lines():
+            print(line, flush=True)
+        names = set(report.names)
+        await workers.start()
+        api_stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(serve(url, options.host, options.port, api_stop)),
+            asyncio.create_task(workers.supervise()),
+            asyncio.create_task(_reload_forever(url, options.paths, names)),
+        ]
+        await asyncio.sleep(0.2)  # let the API bind, or fail to
+        if tasks[0].done():
+            tasks[0].result()
+        print(f"gristmill dev: API on http://{options.host}:{options.port}, "
+              f"{options.workers} worker(s), database {url}\n"
+              f"  try: gristmill run script NAME --input '{{...}}' --wait   (Ctrl-C to stop)",
+              flush=True)
+        stop_wait = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stop_wait, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
+        if tasks[0] in done:
+            tasks[0].result()
+        print("gristmill dev: stopping", flush=True)
+        api_stop.set()
+        return 0
+    except OSError as exc:
+        print(f"gristmill: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for task in tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await workers.stop()
+        if server is not None:
+            await asyncio.to_thread(server.stop)

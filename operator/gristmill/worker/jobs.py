@@ -1,0 +1,54 @@
+"""From a stored Script version to what the executor runs: limits, env, input order."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from gristmill.sandbox.base import JobRequest, Limits
+from gristmill.spec import ScriptSpec, apply_defaults, parse_cpu, parse_duration, parse_memory
+from gristmill.worker.retry import backoff_delay
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything about running one Script version that does not depend on the input."""
+
+    spec: ScriptSpec
+    input_schema: dict[str, Any]
+    limits: Limits
+    env: dict[str, str]
+
+    def request(self, job_id: uuid.UUID, job_input: dict[str, Any]) -> JobRequest:
+        return JobRequest(
+            job_id=str(job_id),
+            language=self.spec.language,
+            code=self.spec.code,
+            input=apply_defaults(self.input_schema, job_input),
+            input_order=tuple(self.input_schema.get("properties", {})),
+            requirements=tuple(self.spec.requirements),
+            env=self.env,
+            network=self.spec.sandbox.network,
+            limits=self.limits,
+        )
+
+    def retry_delay(self, attempt: int) -> float:
+        backoff = self.spec.retryBackoff
+        return backoff_delay(attempt, parse_duration(backoff.initialDelay),
+                             parse_duration(backoff.maxDelay))
+
+
+def plan_job(stored_spec: dict[str, Any]) -> JobPlan:
+    spec = ScriptSpec.model_validate(stored_spec)
+    resources = spec.resources
+    limits = Limits(
+        timeout_s=parse_duration(spec.timeout),
+        memory_bytes=parse_memory(resources.memory),
+        cpu_cores=parse_cpu(resources.cpu),
+        max_processes=resources.maxProcesses,
+        max_output_bytes=parse_memory(resources.maxOutput),
+        max_file_bytes=parse_memory(resources.maxFileSize),
+    )
+    env = {var.name: var.value for var in spec.env}
+    return JobPlan(spec=spec, input_schema=spec.input_schema(), limits=limits, env=env)

@@ -79,7 +79,7 @@ async def test_failed_attempt_is_retried_after_backoff_then_fails_for_good(db):
     async with db.transaction():
         status = await queue.finish(db, "w", [queue.Outcome(job.id, 1, "failed", error=error,
                                                             retry_delay=0.5)])
-    assert status == {job_id: "requeued"}
+    assert queue.statuses(status) == {job_id: "requeued"}
     assert await claim(db, "w", 1) == []  # backing off
     await asyncio.sleep(0.6)
     (again,) = await claim(db, "w", 1)
@@ -96,15 +96,15 @@ async def test_outcome_of_a_stale_attempt_is_ignored(db):
     await claim(db, "w", 1)
     # The worker is presumed dead, the job goes to another worker...
     reaped = await queue.reap(db, dt.timedelta(seconds=-1))
-    assert reaped == {job_id: "requeued"}
+    assert queue.statuses(reaped) == {job_id: "requeued"}
     await workers.register(db, "w2", ["python"], 1)
     (job,) = await claim(db, "w2", 1)
     # ...and the zombie's late report changes nothing.
     async with db.transaction():
-        assert await queue.finish(db, "w", [queue.Outcome(job_id, 1, "succeeded", result=1)]) == {}
+        assert await queue.finish(db, "w", [queue.Outcome(job_id, 1, "succeeded", result=1)]) == []
     async with db.transaction():
-        assert await queue.finish(db, "w2", [queue.Outcome(job_id, 2, "succeeded", result=2)]) == {
-            job_id: "succeeded"}
+        ended = await queue.finish(db, "w2", [queue.Outcome(job_id, 2, "succeeded", result=2)])
+    assert queue.statuses(ended) == {job_id: "succeeded"}
     assert (await queue.get_job(db, job_id))["result"] == 2
 
 
@@ -113,7 +113,7 @@ async def test_reaper_requeues_then_fails_after_last_attempt(db):
     (job_id,) = await queue.enqueue(db, [noop(max_attempts=1)])
     await claim(db, "dead", 1)
     await db.execute("UPDATE workers SET heartbeat_at = now() - interval '1 minute'")
-    assert await queue.reap(db, dt.timedelta(seconds=30)) == {job_id: "failed"}
+    assert queue.statuses(await queue.reap(db, dt.timedelta(seconds=30))) == {job_id: "failed"}
     final = await queue.get_job(db, job_id)
     assert final["status"] == "failed" and final["error"]["kind"] == "worker_lost"
 
@@ -122,7 +122,7 @@ async def test_reaper_leaves_live_workers_alone(db):
     await workers.register(db, "alive", ["python"], 1)
     await queue.enqueue(db, [noop()])
     await claim(db, "alive", 1)
-    assert await queue.reap(db, dt.timedelta(seconds=30)) == {}
+    assert await queue.reap(db, dt.timedelta(seconds=30)) == []
 
 
 async def test_cancel_queued_and_running(db):
@@ -131,17 +131,18 @@ async def test_cancel_queued_and_running(db):
     (running,) = await claim(db, "w", 1)
     assert running.id == running_id
     async with db.transaction():
-        assert await queue.cancel(db, queued_id, "test") == "cancelled"
-        assert await queue.cancel(db, running_id, "test") == "cancelling"
+        cancellation = await queue.cancel(db, [queued_id, running_id], "test")
+    assert queue.statuses(cancellation.ended) == {queued_id: "cancelled"}
+    assert cancellation.signalled == [running_id]
     assert (await queue.get_job(db, queued_id))["status"] == "cancelled"
     assert await workers.heartbeat(db, "w") == {running_id}
     # A failure reported while cancelling ends as cancelled, with no retry.
     async with db.transaction():
         status = await queue.finish(db, "w", [queue.Outcome(
             running_id, 1, "failed", error={"kind": "cancelled", "message": "x"}, retry_delay=1)])
-    assert status == {running_id: "cancelled"}
+    assert queue.statuses(status) == {running_id: "cancelled"}
     async with db.transaction():
-        assert await queue.cancel(db, running_id, "again") is None
+        assert await queue.cancel(db, [running_id], "again") == queue.Cancellation([], [])
 
 
 async def test_hand_back_does_not_spend_an_attempt(db):

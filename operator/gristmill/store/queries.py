@@ -7,8 +7,12 @@ never SQL.
 # Columns copied from `jobs` to `job_history` when a job ends.
 _HISTORY_COLUMNS = (
     "id, namespace, kind, script_name, script_hash, tag, priority, status, input,"
-    " result, error, attempts, worker_id, created_at, started_at, finished_at"
+    " result, error, attempts, worker_id, created_at, started_at, finished_at,"
+    " flow_run_id, step_path"
 )
+# What every statement that ends jobs returns, for the flow engine to advance on.
+_ENDED = "id, status, flow_run_id, step_path, kind, input, result, error, attempts"
+
 
 NOTIFY_JOBS = "SELECT pg_notify('gristmill_jobs', tag) FROM unnest(%s::text[]) AS t(tag)"
 NOTIFY_CANCEL = "SELECT pg_notify('gristmill_cancel', %s)"
@@ -44,10 +48,11 @@ ORDER BY s.namespace, s.name
 
 ENQUEUE = """
 INSERT INTO jobs (id, namespace, kind, script_name, script_hash, tag, priority, input,
-                  scheduled_for, max_attempts, concurrency_key, concurrency_limit)
+                  scheduled_for, max_attempts, concurrency_key, concurrency_limit,
+                  flow_run_id, step_path, retry_policy, timeout_s)
 SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
                      %s::smallint[], %s::jsonb[], %s::timestamptz[], %s::int[], %s::text[],
-                     %s::int[])
+                     %s::int[], %s::uuid[], %s::text[], %s::jsonb[], %s::float8[])
 """
 
 CLAIM = "SELECT * FROM gristmill_claim_jobs(%s, %s, %s)"
@@ -84,12 +89,14 @@ WITH outcome AS (
     SELECT id, namespace, kind, script_name, script_hash, tag, priority,
            CASE WHEN cancel_requested AND outcome_status = 'failed' THEN 'cancelled'
                 ELSE outcome_status END,
-           input, outcome_result, outcome_error, attempt, worker_id, created_at, started_at, now()
+           input, outcome_result, outcome_error, attempt, worker_id, created_at, started_at, now(),
+           flow_run_id, step_path
     FROM done
-    RETURNING id, status
+    RETURNING {_ENDED}
 )
-SELECT id, 'requeued' AS status FROM requeued
-UNION ALL SELECT id, status FROM moved
+SELECT id, 'requeued' AS status, NULL::uuid, NULL, NULL, NULL::jsonb, NULL::jsonb, NULL::jsonb,
+       NULL::int FROM requeued
+UNION ALL SELECT {_ENDED} FROM moved
 """
 
 # Jobs whose worker vanished or stopped heartbeating for longer than the lease:
@@ -112,12 +119,14 @@ WITH lost AS (
     INSERT INTO job_history ({_HISTORY_COLUMNS})
     SELECT id, namespace, kind, script_name, script_hash, tag, priority,
            CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END,
-           input, NULL, %(error)s, attempt, worker_id, created_at, started_at, now()
+           input, NULL, %(error)s, attempt, worker_id, created_at, started_at, now(),
+           flow_run_id, step_path
     FROM failed
-    RETURNING id, status
+    RETURNING {_ENDED}
 )
-SELECT id, 'requeued' AS status FROM requeued
-UNION ALL SELECT id, status FROM moved
+SELECT id, 'requeued' AS status, NULL::uuid, NULL, NULL, NULL::jsonb, NULL::jsonb, NULL::jsonb,
+       NULL::int FROM requeued
+UNION ALL SELECT {_ENDED} FROM moved
 """
 
 # A stopping worker gives back jobs it has not finished; that attempt does not count.
@@ -129,16 +138,21 @@ RETURNING id, tag
 """
 
 CANCEL_QUEUED = f"""
-WITH gone AS (DELETE FROM jobs WHERE id = %(id)s AND status = 'queued' RETURNING *)
+WITH gone AS (DELETE FROM jobs WHERE id = ANY (%(ids)s) AND status = 'queued' RETURNING *)
 INSERT INTO job_history ({_HISTORY_COLUMNS})
 SELECT id, namespace, kind, script_name, script_hash, tag, priority, 'cancelled', input,
-       NULL, %(error)s, attempt, worker_id, created_at, started_at, now()
+       NULL, %(error)s, attempt, worker_id, created_at, started_at, now(), flow_run_id, step_path
 FROM gone
-RETURNING id
+RETURNING {_ENDED}
 """
 
 CANCEL_RUNNING = """
-UPDATE jobs SET cancel_requested = true WHERE id = %s AND status = 'running' RETURNING id
+UPDATE jobs SET cancel_requested = true
+WHERE id = ANY (%s) AND status = 'running' AND NOT cancel_requested RETURNING id
+"""
+
+ACTIVE_JOBS_OF_FLOW_RUNS = """
+SELECT id FROM jobs WHERE flow_run_id = ANY (%s)
 """
 
 GET_ACTIVE_JOB = """

@@ -37,6 +37,10 @@ class NewJob:
     scheduled_for: dt.datetime | None = None
     concurrency_key: str | None = None
     concurrency_limit: int | None = None
+    flow_run_id: uuid.UUID | None = None
+    step_path: str | None = None
+    retry_policy: dict[str, Any] | None = None  # overrides the Script's (flow steps)
+    timeout_s: float | None = None  # overrides the Script's (flow steps)
     id: uuid.UUID = field(default_factory=uuid.uuid4)
 
 
@@ -55,6 +59,33 @@ class ClaimedJob:
     created_at: dt.datetime
     scheduled_for: dt.datetime
     started_at: dt.datetime
+    flow_run_id: uuid.UUID | None = None
+    step_path: str | None = None
+    retry_policy: dict[str, Any] | None = None
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class EndedJob:
+    """A job that left the queue (or was requeued, status "requeued"), for the flow engine."""
+
+    id: uuid.UUID
+    status: str  # requeued | succeeded | failed | cancelled
+    flow_run_id: uuid.UUID | None = None
+    step_path: str | None = None
+    kind: str | None = None
+    input: dict[str, Any] | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+    attempts: int | None = None
+
+
+def statuses(ended: Sequence[EndedJob]) -> dict[uuid.UUID, str]:
+    return {job.id: job.status for job in ended}
+
+
+async def _ended(cur: psycopg.AsyncCursor) -> list[EndedJob]:
+    return [EndedJob(*row) for row in await cur.fetchall()]
 
 
 @dataclass(frozen=True)
@@ -89,6 +120,10 @@ async def enqueue(conn: psycopg.AsyncConnection, jobs: Sequence[NewJob]) -> list
             [j.max_attempts for j in jobs],
             [j.concurrency_key for j in jobs],
             [j.concurrency_limit for j in jobs],
+            [j.flow_run_id for j in jobs],
+            [j.step_path for j in jobs],
+            [Jsonb(j.retry_policy) if j.retry_policy else None for j in jobs],
+            [j.timeout_s for j in jobs],
         ],
     )
     due_tags = sorted({j.tag for j in jobs if j.scheduled_for is None or j.scheduled_for <= now})
@@ -110,6 +145,8 @@ async def claim(
             priority=row["priority"], input=row["input"], attempt=row["attempt"],
             max_attempts=row["max_attempts"], created_at=row["created_at"],
             scheduled_for=row["scheduled_for"], started_at=row["started_at"],
+            flow_run_id=row["flow_run_id"], step_path=row["step_path"],
+            retry_policy=row["retry_policy"], timeout_s=row["timeout_s"],
         )
         for row in await cur.fetchall()
     ]
@@ -117,14 +154,14 @@ async def claim(
 
 async def finish(
     conn: psycopg.AsyncConnection, worker_id: str, outcomes: Sequence[Outcome]
-) -> dict[uuid.UUID, str]:
-    """Record outcomes; return each applied job's new status (requeued or final).
+) -> list[EndedJob]:
+    """Record outcomes; return the jobs they ended or requeued.
 
     Outcomes for jobs this worker no longer holds (reaped, cancelled while
     queued) are ignored and absent from the result.
     """
     if not outcomes:
-        return {}
+        return []
     cur = await conn.execute(
         queries.FINISH,
         {
@@ -137,7 +174,7 @@ async def finish(
             "retry_delays": [o.retry_delay for o in outcomes],
         },
     )
-    return {row[0]: row[1] for row in await cur.fetchall()}
+    return await _ended(cur)
 
 
 async def hand_back(
@@ -153,7 +190,7 @@ async def hand_back(
     return [job_id for job_id, _ in rows]
 
 
-async def reap(conn: psycopg.AsyncConnection, lease: dt.timedelta) -> dict[uuid.UUID, str]:
+async def reap(conn: psycopg.AsyncConnection, lease: dt.timedelta) -> list[EndedJob]:
     """Requeue (or fail, after the last attempt) the jobs of workers that went silent."""
     error = {
         "kind": "worker_lost",
@@ -161,27 +198,39 @@ async def reap(conn: psycopg.AsyncConnection, lease: dt.timedelta) -> dict[uuid.
                    f"{lease.total_seconds():g}s (killed, evicted or out of memory)",
     }
     cur = await conn.execute(queries.REAP, {"lease": lease, "error": Jsonb(error)})
-    reaped = {row[0]: row[1] for row in await cur.fetchall()}
-    if any(status == "requeued" for status in reaped.values()):
+    reaped = await _ended(cur)
+    if any(job.status == "requeued" for job in reaped):
         # The requeued jobs' tags are not at hand here; a broadcast wake is cheap and rare.
         await conn.execute("SELECT pg_notify(%s, '*')", [JOBS_CHANNEL])
     return reaped
 
 
-async def cancel(conn: psycopg.AsyncConnection, job_id: uuid.UUID, reason: str) -> str | None:
-    """Cancel a job: a queued one ends at once, a running one is signalled to its worker.
+@dataclass(frozen=True)
+class Cancellation:
+    ended: list[EndedJob]  # queued jobs, cancelled at once
+    signalled: list[uuid.UUID]  # running jobs, whose workers were asked to stop them
 
-    Returns "cancelled", "cancelling", or None when the job is not active.
-    """
+
+async def cancel(
+    conn: psycopg.AsyncConnection, job_ids: Sequence[uuid.UUID], reason: str
+) -> Cancellation:
+    """Cancel jobs: queued ones end at once, running ones are signalled to their workers
+    (which report them cancelled when the process is gone)."""
     error = {"kind": "cancelled", "message": reason}
-    cur = await conn.execute(queries.CANCEL_QUEUED, {"id": job_id, "error": Jsonb(error)})
-    if await cur.fetchone():
-        return "cancelled"
-    cur = await conn.execute(queries.CANCEL_RUNNING, [job_id])
-    if await cur.fetchone():
+    cur = await conn.execute(queries.CANCEL_QUEUED, {"ids": list(job_ids), "error": Jsonb(error)})
+    ended = await _ended(cur)
+    cur = await conn.execute(queries.CANCEL_RUNNING, [list(job_ids)])
+    signalled = [row[0] for row in await cur.fetchall()]
+    for job_id in signalled:
         await conn.execute(queries.NOTIFY_CANCEL, [str(job_id)])
-        return "cancelling"
-    return None
+    return Cancellation(ended, signalled)
+
+
+async def active_jobs_of_flow_runs(
+    conn: psycopg.AsyncConnection, run_ids: Sequence[uuid.UUID]
+) -> list[uuid.UUID]:
+    cur = await conn.execute(queries.ACTIVE_JOBS_OF_FLOW_RUNS, [list(run_ids)])
+    return [row[0] for row in await cur.fetchall()]
 
 
 async def get_job(conn: psycopg.AsyncConnection, job_id: uuid.UUID) -> dict[str, Any] | None:

@@ -155,6 +155,8 @@ ACTIVE_JOBS_OF_FLOW_RUNS = """
 SELECT id FROM jobs WHERE flow_run_id = ANY (%s)
 """
 
+ACTIVE_JOB_PATHS_OF_FLOW_RUN = "SELECT id, step_path FROM jobs WHERE flow_run_id = %s"
+
 GET_ACTIVE_JOB = """
 SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input,
        NULL::jsonb AS result, last_error AS error, attempt AS attempts, max_attempts, worker_id,
@@ -213,3 +215,113 @@ SELECT seq, chunk FROM job_logs WHERE job_id = %s AND seq > %s ORDER BY seq LIMI
 
 ENSURE_PARTITIONS = "SELECT gristmill_ensure_partitions(%s, %s, %s)"
 DROP_PARTITIONS_BEFORE = "SELECT gristmill_drop_partitions_before(%s, %s)"
+
+# --- flows ---------------------------------------------------------------------
+
+PUT_FLOW_VERSION = """
+INSERT INTO flow_versions (hash, spec) VALUES (%s, %s) ON CONFLICT (hash) DO NOTHING
+"""
+
+PUT_FLOW = """
+INSERT INTO flows (namespace, name, hash) VALUES (%s, %s, %s)
+ON CONFLICT (namespace, name) DO UPDATE SET hash = excluded.hash, updated_at = now()
+WHERE flows.hash IS DISTINCT FROM excluded.hash
+"""
+
+DELETE_FLOW = "DELETE FROM flows WHERE namespace = %s AND name = %s"
+
+GET_FLOW = """
+SELECT f.hash, v.spec FROM flows f JOIN flow_versions v USING (hash)
+WHERE f.namespace = %s AND f.name = %s
+"""
+
+GET_FLOW_VERSION = "SELECT spec FROM flow_versions WHERE hash = %s"
+
+LIST_FLOWS = """
+SELECT f.namespace, f.name, f.hash, f.updated_at FROM flows f
+WHERE %(namespace)s::text IS NULL OR f.namespace = %(namespace)s
+ORDER BY f.namespace, f.name
+"""
+
+INSERT_FLOW_RUN = """
+INSERT INTO flow_runs (id, namespace, flow_name, flow_hash, status, input, priority, pins,
+                       parent_run_id, parent_path, restarted_from, started_at)
+VALUES (%(id)s, %(namespace)s, %(flow_name)s, %(flow_hash)s, %(status)s, %(input)s,
+        %(priority)s, %(pins)s, %(parent_run_id)s, %(parent_path)s, %(restarted_from)s,
+        CASE WHEN %(status)s = 'running' THEN now() END)
+"""
+
+GET_FLOW_RUN = "SELECT * FROM flow_runs WHERE id = %s"
+LOCK_FLOW_RUN = "SELECT * FROM flow_runs WHERE id = %s FOR UPDATE"
+
+COUNT_RUNNING_FLOW_RUNS = """
+SELECT count(*) FROM flow_runs WHERE namespace = %s AND flow_name = %s AND status = 'running'
+"""
+
+NEXT_WAITING_FLOW_RUN = """
+SELECT id FROM flow_runs WHERE namespace = %s AND flow_name = %s AND status = 'queued'
+ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
+"""
+
+START_FLOW_RUN = "UPDATE flow_runs SET status = 'running', started_at = now() WHERE id = %s"
+
+FINISH_FLOW_RUN = """
+UPDATE flow_runs SET status = %s, result = %s, error = %s, finished_at = now() WHERE id = %s
+"""
+
+MARK_FAILURE_HANDLED = "UPDATE flow_runs SET failure_handled = true, error = %s WHERE id = %s"
+
+ACTIVE_CHILD_RUNS = """
+SELECT id FROM flow_runs WHERE parent_run_id = %s AND status IN ('queued', 'running')
+"""
+
+SAVE_STEP = """
+INSERT INTO flow_steps (run_id, path, step_id, status, result, error, job_id, child_run_id, state,
+                        finished_at)
+VALUES (%(run_id)s, %(path)s, %(step_id)s, %(status)s, %(result)s, %(error)s, %(job_id)s,
+        %(child_run_id)s, %(state)s,
+        CASE WHEN %(status)s IN ('succeeded', 'failed', 'skipped', 'cancelled') THEN now() END)
+ON CONFLICT (run_id, path) DO UPDATE SET
+    status = excluded.status, result = excluded.result, error = excluded.error,
+    job_id = excluded.job_id, child_run_id = excluded.child_run_id, state = excluded.state,
+    finished_at = excluded.finished_at
+"""
+
+GET_STEPS = """
+SELECT path, step_id, status, result, error, job_id, child_run_id, state
+FROM flow_steps WHERE run_id = %s AND path = ANY (%s)
+"""
+
+# Every step instance of a run with the attempts and timings of its job, for display.
+RUN_STEPS = """
+SELECT s.path, s.step_id, s.status, s.result, s.error, s.job_id, s.child_run_id,
+       s.started_at, s.finished_at, coalesce(j.attempt, h.attempts) AS attempts
+FROM flow_steps s
+LEFT JOIN jobs j ON j.id = s.job_id
+LEFT JOIN job_history h ON h.id = s.job_id AND j.id IS NULL
+WHERE s.run_id = %s
+ORDER BY s.started_at, s.path
+"""
+
+COPY_STEPS = """
+INSERT INTO flow_steps (run_id, path, step_id, status, result, error, job_id, child_run_id, state,
+                        started_at, finished_at)
+SELECT %s, path, step_id, status, result, error, job_id, child_run_id, state, started_at,
+       finished_at
+FROM flow_steps WHERE run_id = %s AND path = ANY (%s)
+"""
+
+INSERT_ITERATIONS = """
+INSERT INTO flow_iterations (run_id, path, index, item)
+SELECT %s, %s, i - 1, item FROM unnest(%s::jsonb[]) WITH ORDINALITY AS t(item, i)
+"""
+
+GET_ITERATION_ITEM = "SELECT item FROM flow_iterations WHERE run_id = %s AND path = %s AND index = %s"
+
+SET_ITERATION_RESULT = """
+UPDATE flow_iterations SET result = %s WHERE run_id = %s AND path = %s AND index = %s
+"""
+
+ITERATION_RESULTS = """
+SELECT result FROM flow_iterations WHERE run_id = %s AND path = %s ORDER BY index
+"""

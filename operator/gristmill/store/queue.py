@@ -226,6 +226,13 @@ async def cancel(
     return Cancellation(ended, signalled)
 
 
+async def active_job_paths_of_flow_run(
+    conn: psycopg.AsyncConnection, run_id: uuid.UUID
+) -> list[tuple[uuid.UUID, str | None]]:
+    cur = await conn.execute(queries.ACTIVE_JOB_PATHS_OF_FLOW_RUN, [run_id])
+    return list(await cur.fetchall())
+
+
 async def active_jobs_of_flow_runs(
     conn: psycopg.AsyncConnection, run_ids: Sequence[uuid.UUID]
 ) -> list[uuid.UUID]:

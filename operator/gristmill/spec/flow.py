@@ -1,0 +1,231 @@
+"""The Flow custom resource: Scripts chained into steps, branches, loops and sub-flows.
+
+Structure is checked here (one action per step, unique ids, expressions that
+compile and name existing steps); what needs the store (referenced Scripts
+and Flows exist, no sub-flow cycles) is checked when a Flow is applied.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gristmill.spec.expressions import ExpressionError, compile_expression, referenced_steps
+from gristmill.spec.meta import ObjectMeta
+from gristmill.spec.quantities import Duration
+from gristmill.spec.script import EnvVar, ScriptSpec
+
+STEP_ID_PATTERN = r"^[a-z_][a-z0-9_]*$"
+ACTIONS = ("script", "inline", "branchOne", "branchAll", "forEach", "flow")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class RetryPolicy(_Strict):
+    attempts: int = Field(2, ge=1, le=100, description="Attempts in all, the first included.")
+    backoff: Literal["constant", "exponential"] = Field(
+        "exponential", description="constant: always `delay`; exponential: delay doubles.")
+    delay: Duration = Field("1s", description="Delay before the second attempt.")
+    maxDelay: Duration = Field("5m", description="Upper bound of the delay.")
+
+
+class Suspend(_Strict):
+    timeout: Duration = Field("24h", description="Reject the step when nobody answers by then.")
+    message: str | None = Field(None, description="Shown to whoever is asked to approve.")
+
+
+class Branch(_Strict):
+    when: str = Field(description="CEL condition; the first branch whose condition holds runs.")
+    steps: list[Step] = Field(min_length=1, description="Steps of the branch.")
+
+
+class BranchOne(_Strict):
+    branches: list[Branch] = Field(min_length=1, description="Branches, tried in order.")
+    default: list[Step] = Field(default_factory=list,
+                                description="Steps run when no branch condition holds.")
+
+
+class ParallelBranch(_Strict):
+    name: str | None = Field(None, description="A label for people.")
+    steps: list[Step] = Field(min_length=1, description="Steps of the branch.")
+
+
+class BranchAll(_Strict):
+    parallel: bool = Field(True, description="Run the branches at once (true) or in order.")
+    branches: list[ParallelBranch] = Field(min_length=1, description="Branches that all run.")
+
+
+class Step(_Strict):
+    id: str = Field(pattern=STEP_ID_PATTERN, max_length=63,
+                    description="Unique in the flow; expressions read results.<id>.")
+    description: str | None = Field(None, description="What the step is for.")
+    script: str | None = Field(None, description="Name of a Script in the Flow's namespace.")
+    inline: ScriptSpec | None = Field(None, description="A one-off Script written in place.")
+    branchOne: BranchOne | None = Field(None, description="Run the first branch whose `when` holds.")
+    branchAll: BranchAll | None = Field(None, description="Run every branch.")
+    forEach: str | None = Field(None, description="CEL expression giving a list; `steps` run "
+                                                  "once per item with iter.value and iter.index.")
+    steps: list[Step] | None = Field(None, description="The loop body of a forEach step.")
+    parallelism: int = Field(1, ge=1, le=10000,
+                             description="forEach: iterations at once (1 = one after another).")
+    flow: str | None = Field(None, description="Name of a Flow to run as a sub-flow.")
+    input: dict[str, str] = Field(default_factory=dict,
+                                  description="Argument name to CEL expression.")
+    retry: RetryPolicy | None = Field(None, description="Retries of a script, inline step.")
+    timeout: Duration | None = Field(None, description="Time limit of one attempt of a script "
+                                                        "or inline step (overrides the Script's).")
+    skipWhen: str | None = Field(None, description="CEL condition; when true the step is "
+                                                   "skipped and its result is null.")
+    continueOnError: bool = Field(False, description="A failure of this step does not fail the "
+                                                     "flow; its result is then the error.")
+    stopWhen: str | None = Field(None, description="CEL condition evaluated after the step; "
+                                                   "when true the flow ends successfully with "
+                                                   "this step's result.")
+    sleep: Duration | None = Field(None, description="Wait this long before the step starts.")
+    suspend: Suspend | None = Field(None, description="After the step, wait for approve or "
+                                                      "reject. Alone, an approval gate.")
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Step:
+        chosen = [name for name in ACTIONS if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"step {self.id!r} has {' and '.join(chosen)}: give exactly one "
+                             f"of {', '.join(ACTIONS)}")
+        if not chosen and self.suspend is None:
+            raise ValueError(f"step {self.id!r} does nothing: give one of {', '.join(ACTIONS)} "
+                             f"(or suspend alone, for an approval gate)")
+        if (self.forEach is None) != (self.steps is None):
+            raise ValueError(f"step {self.id!r}: forEach and steps go together (steps is the "
+                             f"loop body)")
+        if self.steps is not None and not self.steps:
+            raise ValueError(f"step {self.id!r}: the forEach body needs at least one step")
+        leaf = self.script is not None or self.inline is not None
+        if (self.retry or self.timeout) and not leaf:
+            raise ValueError(f"step {self.id!r}: retry and timeout apply to script and inline "
+                             f"steps")
+        if self.input and not (leaf or self.flow):
+            raise ValueError(f"step {self.id!r}: input applies to script, inline and flow steps")
+        return self
+
+    @property
+    def action(self) -> str:
+        for name in ACTIONS:
+            if getattr(self, name) is not None:
+                return name
+        return "approval"
+
+    def blocks(self) -> list[list[Step]]:
+        """The step lists nested directly in this step, in order."""
+        if self.branchOne:
+            return [b.steps for b in self.branchOne.branches] + [self.branchOne.default]
+        if self.branchAll:
+            return [b.steps for b in self.branchAll.branches]
+        if self.steps is not None:
+            return [self.steps]
+        return []
+
+    def expressions(self) -> Iterator[tuple[str, str]]:
+        """(field, expression) of every CEL expression of this step itself."""
+        for name in ("skipWhen", "stopWhen", "forEach"):
+            if getattr(self, name) is not None:
+                yield name, getattr(self, name)
+        for arg, expression in self.input.items():
+            yield f"input.{arg}", expression
+        if self.branchOne:
+            for i, branch in enumerate(self.branchOne.branches):
+                yield f"branchOne.branches[{i}].when", branch.when
+
+
+class FlowSpec(_Strict):
+    description: str | None = Field(None, description="What the flow does.")
+    input: dict[str, Any] = Field(default_factory=lambda: {"type": "object"},
+                                  description="JSON Schema of the flow's input.")
+    steps: list[Step] = Field(min_length=1, description="The steps, run in order.")
+    onFailure: Step | None = Field(None, description="Runs when the flow fails; its expressions "
+                                                     "see error.message and error.step.")
+    output: str | None = Field(None, description="CEL expression of the flow's result "
+                                                 "(default: the last step's result).")
+    timeout: Duration | None = Field(None, description="The whole run's time limit.")
+    concurrency: int | None = Field(None, ge=1, description="Runs of this flow at once; "
+                                                            "more wait their turn.")
+    priority: int = Field(0, ge=-100, le=100, description="Priority of the flow's jobs.")
+    env: list[EnvVar] = Field(default_factory=list,
+                              description="Variables for every step's job, also readable as "
+                                          "env.<name> in expressions.")
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> FlowSpec:
+        errors = check_flow(self)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def all_steps(self) -> Iterator[tuple[Step, int]]:
+        """Every step with its loop depth (enclosing forEach steps), onFailure last."""
+        def walk(steps: list[Step], depth: int) -> Iterator[tuple[Step, int]]:
+            for step in steps:
+                yield step, depth
+                for block in step.blocks():
+                    yield from walk(block, depth + (1 if step.forEach is not None else 0))
+        yield from walk(self.steps, 0)
+        if self.onFailure:
+            yield from walk([self.onFailure], 0)
+
+    def script_names(self) -> set[str]:
+        return {step.script for step, _ in self.all_steps() if step.script}
+
+    def flow_names(self) -> set[str]:
+        return {step.flow for step, _ in self.all_steps() if step.flow}
+
+
+def _loop_depths(spec: FlowSpec) -> dict[str, int]:
+    return {step.id: depth for step, depth in spec.all_steps()}
+
+
+def check_flow(spec: FlowSpec) -> list[str]:
+    """Unique ids; every expression compiles and reads only steps that exist."""
+    errors: list[str] = []
+    seen: set[str] = set()
+    for step, _ in spec.all_steps():
+        if step.id in seen:
+            errors.append(f"step id {step.id!r} is used twice; step ids must be unique")
+        seen.add(step.id)
+    depths = _loop_depths(spec)
+    for step, depth in spec.all_steps():
+        for field, expression in step.expressions():
+            errors += _check_expression(f"step {step.id!r} {field}", expression, depths, depth)
+    if spec.output:
+        errors += _check_expression("output", spec.output, depths, 0)
+    return errors
+
+
+def _check_expression(where: str, expression: str, depths: dict[str, int],
+                      depth: int) -> list[str]:
+    try:
+        compile_expression(expression)
+    except ExpressionError as exc:
+        return [f"{where}: {exc}"]
+    problems = []
+    for ref in referenced_steps(expression):
+        if ref not in depths:
+            problems.append(f"{where}: {expression!r} refers to unknown step {ref!r} "
+                            f"(known: {', '.join(sorted(depths))})")
+        elif depths[ref] > depth:
+            problems.append(f"{where}: {expression!r} reads step {ref!r} from inside a forEach "
+                            f"it is not in; read the forEach step's result (a list) instead")
+    if depth == 0 and re.search(r"\biter\b", expression) and where != "output":
+        problems.append(f"{where}: {expression!r} uses iter outside a forEach")
+    return problems
+
+
+class Flow(_Strict):
+    apiVersion: Literal["gristmill.io/v1alpha1"] = "gristmill.io/v1alpha1"
+    kind: Literal["Flow"] = "Flow"
+    metadata: ObjectMeta
+    spec: FlowSpec
+    status: dict[str, Any] | None = Field(None, exclude=True)

@@ -1,15 +1,19 @@
-"""Submitting Script runs and presenting runs: the API's logic, free of HTTP."""
+"""Submitting and presenting runs (Script runs are jobs, Flow runs are flow runs): the API's
+logic, free of HTTP."""
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from gristmill.spec import InputError, ScriptSpec, check_input
+from gristmill.flows import catalog
+from gristmill.flows import engine as flow_engine
+from gristmill.flows.plan import FlowPlan, parse_path, step_path
+from gristmill.spec import InputError, check_input
+from gristmill.store import flows as flow_store
 from gristmill.store import queue
 from gristmill.store import scripts as script_store
 
@@ -23,83 +27,88 @@ class RunError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class ScriptVersion:
-    version: str
-    spec: ScriptSpec
-    input_schema: dict[str, Any]
-
-
-class ScriptCatalog:
-    """Parsed Script versions by hash: a version never changes, so it is parsed once."""
-
-    def __init__(self) -> None:
-        self._versions: dict[str, ScriptVersion] = {}
-
-    async def current(self, conn: psycopg.AsyncConnection, namespace: str, name: str) -> ScriptVersion:
-        found = await script_store.get(conn, namespace, name)
-        if found is None:
-            raise RunError(404, f"Script {namespace}/{name} not found: apply its manifest "
-                                f"(gristmill dev loads it from the paths you give it)")
-        version, stored_spec = found
-        if version not in self._versions:
-            spec = ScriptSpec.model_validate(stored_spec)
-            self._versions[version] = ScriptVersion(version, spec, spec.input_schema())
-        return self._versions[version]
-
-
-def _parse_when(body: dict[str, Any]) -> dt.datetime | None:
-    if "scheduledFor" in body:
-        try:
-            when = dt.datetime.fromisoformat(str(body["scheduledFor"]))
-        except ValueError as exc:
-            raise RunError(400, "scheduledFor must be an ISO 8601 time such as "
-                                "2026-11-25T10:00:00Z") from exc
-        return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
-    return None
-
-
-async def submit_script_run(
-    conn: psycopg.AsyncConnection, catalog: ScriptCatalog, namespace: str, name: str,
-    body: dict[str, Any],
-) -> dict[str, Any]:
-    unknown = set(body) - {"input", "priority", "scheduledFor"}
+def check_body(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(body) - allowed
     if unknown:
         raise RunError(400, f"unknown field(s) {', '.join(sorted(unknown))} in the request; "
-                            f"expected input, priority, scheduledFor")
-    script = await catalog.current(conn, namespace, name)
-    job_input = body.get("input", {})
+                            f"expected {', '.join(sorted(allowed))}")
+
+
+def _priority(body: dict[str, Any], default: int) -> int:
+    priority = body.get("priority", default)
+    if not isinstance(priority, int) or isinstance(priority, bool) or not -100 <= priority <= 100:
+        raise RunError(400, "priority must be an integer from -100 to 100")
+    return priority
+
+
+def _input(body: dict[str, Any]) -> dict[str, Any]:
+    value = body.get("input", {})
+    if not isinstance(value, dict):
+        raise RunError(400, "input must be a JSON object such as {\"name\": \"world\"}")
+    return value
+
+
+def _scheduled_for(body: dict[str, Any]) -> dt.datetime | None:
+    if "scheduledFor" not in body:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(str(body["scheduledFor"]))
+    except ValueError as exc:
+        raise RunError(400, "scheduledFor must be an ISO 8601 time such as "
+                            "2026-11-25T10:00:00Z") from exc
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+async def submit_script_run(conn: psycopg.AsyncConnection, namespace: str, name: str,
+                            body: dict[str, Any]) -> dict[str, Any]:
+    check_body(body, {"input", "priority", "scheduledFor"})
+    found = await script_store.get(conn, namespace, name)
+    if found is None:
+        raise RunError(404, f"Script {namespace}/{name} not found: apply its manifest "
+                            f"(gristmill dev loads it from the paths you give it)")
+    script = catalog.script_version(*found)
+    job_input = _input(body)
     try:
         check_input(script.input_schema, job_input)
     except InputError as exc:
         raise RunError(400, f"input does not match Script {namespace}/{name}: {exc}") from exc
-    priority = body.get("priority", script.spec.priority)
-    if not isinstance(priority, int) or not -100 <= priority <= 100:
-        raise RunError(400, "priority must be an integer from -100 to 100")
     limit = script.spec.concurrencyLimit
     job = queue.NewJob(
         namespace=namespace, tag=script.spec.effective_tag, kind="script", input=job_input,
-        script_name=name, script_hash=script.version, priority=priority,
-        max_attempts=script.spec.retries + 1, scheduled_for=_parse_when(body),
+        script_name=name, script_hash=script.version,
+        priority=_priority(body, script.spec.priority),
+        max_attempts=script.spec.retries + 1, scheduled_for=_scheduled_for(body),
         concurrency_key=f"script:{namespace}/{name}" if limit else None,
         concurrency_limit=limit,
     )
     async with conn.transaction():
         await queue.enqueue(conn, [job])
-    return {"id": str(job.id), "status": "queued"}
+    return {"id": str(job.id), "kind": "script", "status": "queued"}
+
+
+async def submit_flow_run(conn: psycopg.AsyncConnection, namespace: str, name: str,
+                          body: dict[str, Any]) -> dict[str, Any]:
+    check_body(body, {"input", "priority"})
+    priority = _priority(body, 0) if "priority" in body else None
+    async with conn.transaction():
+        run = await flow_engine.submit_flow_run(conn, namespace, name, _input(body), priority)
+    return {"id": str(run.id), "kind": "flow", "status": run.status}
 
 
 def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def present_run(row: dict[str, Any]) -> dict[str, Any]:
-    """The JSON shape of a run, as the API and `gristmill get run` show it."""
-    started, finished = row["started_at"], row["finished_at"]
+def _duration_ms(started: dt.datetime | None, finished: dt.datetime | None) -> float | None:
+    return round((finished - started).total_seconds() * 1000, 1) if started and finished else None
+
+
+def present_job(row: dict[str, Any]) -> dict[str, Any]:
+    """The JSON shape of a Script run, as the API and `gristmill get run` show it."""
     return {
         "id": str(row["id"]),
+        "kind": "script",
         "namespace": row["namespace"],
-        "kind": row["kind"],
         "script": row["script_name"],
         "version": row["script_hash"],
         "tag": row["tag"],
@@ -113,10 +122,59 @@ def present_run(row: dict[str, Any]) -> dict[str, Any]:
         "worker": row["worker_id"],
         "createdAt": _iso(row["created_at"]),
         "scheduledFor": _iso(row["scheduled_for"]),
-        "startedAt": _iso(started),
-        "finishedAt": _iso(finished),
-        "durationMs": round((finished - started).total_seconds() * 1000, 1)
-        if started and finished else None,
+        "startedAt": _iso(row["started_at"]),
+        "finishedAt": _iso(row["finished_at"]),
+        "durationMs": _duration_ms(row["started_at"], row["finished_at"]),
+    }
+
+
+def _step_tree(plan: FlowPlan, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Step instances nested under the container instance they ran in."""
+    nodes: dict[str, dict[str, Any]] = {}
+    top: list[dict[str, Any]] = []
+    for row in rows:
+        node = {
+            "id": row["step_id"], "path": row["path"], "status": row["status"],
+            "result": row["result"], "error": row["error"], "attempts": row["attempts"],
+            "job": str(row["job_id"]) if row["job_id"] else None,
+            "childRun": str(row["child_run_id"]) if row["child_run_id"] else None,
+            "startedAt": _iso(row["started_at"]), "finishedAt": _iso(row["finished_at"]),
+            "durationMs": _duration_ms(row["started_at"], row["finished_at"]),
+            "steps": [],
+        }
+        nodes[row["path"]] = node
+    for row in rows:
+        step_id, indices = parse_path(row["path"])
+        parent = plan.steps[step_id].parent if step_id in plan.steps else None
+        if parent is None:
+            top.append(nodes[row["path"]])
+            continue
+        parent_path = step_path(parent, plan.container_indices(step_id, indices))
+        nodes.get(parent_path, {"steps": top})["steps"].append(nodes[row["path"]])
+    return top
+
+
+async def present_flow_run(conn: psycopg.AsyncConnection, run: flow_store.FlowRun
+                           ) -> dict[str, Any]:
+    plan = await catalog.load_flow_plan(conn, run.flow_hash)
+    return {
+        "id": str(run.id),
+        "kind": "flow",
+        "namespace": run.namespace,
+        "flow": run.flow_name,
+        "version": run.flow_hash,
+        "priority": run.priority,
+        "status": run.status,
+        "input": run.input,
+        "result": run.result,
+        "error": run.error,
+        "parentRun": str(run.parent_run_id) if run.parent_run_id else None,
+        "restartedFrom": str(run.restarted_from) if run.restarted_from else None,
+        "createdAt": _iso(run.created_at),
+        "startedAt": _iso(run.started_at),
+        "finishedAt": _iso(run.finished_at),
+        "durationMs": _duration_ms(run.started_at, run.finished_at),
+        "steps": _step_tree(plan, await flow_store.run_steps(conn, run.id)),
     }
 
 
@@ -130,6 +188,38 @@ def parse_run_id(text: str) -> uuid.UUID:
 
 async def get_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID) -> dict[str, Any]:
     row = await queue.get_job(conn, run_id)
-    if row is None:
-        raise RunError(404, f"run {run_id} not found")
-    return present_run(row)
+    if row is not None:
+        return present_job(row)
+    run = await flow_store.get_run(conn, run_id)
+    if run is not None:
+        return await present_flow_run(conn, run)
+    raise RunError(404, f"run {run_id} not found")
+
+
+async def cancel_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID) -> str:
+    async with conn.transaction():
+        if await flow_store.get_run(conn, run_id) is not None:
+            return await flow_engine.cancel_run(conn, run_id, "cancelled by request")
+        cancellation = await queue.cancel(conn, [run_id], "cancelled by request")
+        await flow_engine.on_jobs_ended(conn, cancellation.ended)
+    if cancellation.ended:
+        return "cancelled"
+    if cancellation.signalled:
+        return "cancelling"
+    run = await get_run(conn, run_id)  # 404 if unknown
+    raise RunError(409, f"run {run_id} already ended ({run['status']}); nothing to cancel")
+
+
+def job_ids_of(run: dict[str, Any]) -> list[str]:
+    """The jobs of a run in the order they started (a Script run is its own job)."""
+    if run["kind"] == "script":
+        return [run["id"]]
+    ids = []
+
+    def walk(steps: list[dict[str, Any]]) -> None:
+        for step in steps:
+            if step["job"]:
+                ids.append(step["job"])
+            walk(step["steps"])
+    walk(run["steps"])
+    return ids

@@ -12,11 +12,15 @@ from gristmill.spec import Script
 from gristmill.store import queries
 
 
+async def put_version(conn: psycopg.AsyncConnection, version: str, spec: dict[str, Any]) -> None:
+    await conn.execute(queries.PUT_SCRIPT_VERSION, [version, Jsonb(spec)])
+
+
 async def put(
     conn: psycopg.AsyncConnection, namespace: str, name: str, version: str, spec: dict[str, Any]
 ) -> bool:
     """Store a version and point `namespace/name` at it; True when the name moved."""
-    await conn.execute(queries.PUT_SCRIPT_VERSION, [version, Jsonb(spec)])
+    await put_version(conn, version, spec)
     cur = await conn.execute(queries.PUT_SCRIPT, [namespace, name, version])
     return cur.rowcount > 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gristmill.sandbox.base import JobRequest, Limits
@@ -20,7 +20,9 @@ class JobPlan:
     limits: Limits
     env: dict[str, str]
 
-    def request(self, job_id: uuid.UUID, job_input: dict[str, Any]) -> JobRequest:
+    def request(self, job_id: uuid.UUID, job_input: dict[str, Any],
+                timeout_s: float | None = None) -> JobRequest:
+        limits = self.limits if timeout_s is None else replace(self.limits, timeout_s=timeout_s)
         return JobRequest(
             job_id=str(job_id),
             language=self.spec.language,
@@ -30,7 +32,7 @@ class JobPlan:
             requirements=tuple(self.spec.requirements),
             env=self.env,
             network=self.spec.sandbox.network,
-            limits=self.limits,
+            limits=limits,
         )
 
     def retry_delay(self, attempt: int) -> float:

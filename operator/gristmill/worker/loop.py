@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from gristmill.flows import engine as flow_engine
 from gristmill.sandbox.base import Executor, JobOutcome
 from gristmill.store import logs, maintenance, queue, workers
 from gristmill.store import scripts as script_store
 from gristmill.worker.jobs import JobPlan, plan_job
+from gristmill.worker.retry import retry_delay as compute_retry_delay
 
 log = logging.getLogger("gristmill.worker")
 
@@ -153,8 +155,10 @@ class Worker:
                     await asyncio.wait_for(self._wakeup.wait(), self.config.poll_interval)
 
     async def _claim(self, limit: int) -> list[queue.ClaimedJob]:
+        # Every worker also completes the flow engine's timers.
+        tags = [*self.config.tags, flow_engine.CONTROL_TAG]
         async with self._claim_conn.transaction():
-            claimed = await queue.claim(self._claim_conn, self.id, self.config.tags, limit)
+            claimed = await queue.claim(self._claim_conn, self.id, tags, limit)
         missing = {j.script_hash for j in claimed if j.script_hash and j.script_hash not in self._plans}
         if missing:
             specs = await script_store.get_versions(self._claim_conn, sorted(missing))
@@ -165,8 +169,8 @@ class Worker:
     def _start(self, job: queue.ClaimedJob) -> None:
         running = _Running(job)
         self._running[job.id] = running
-        if job.kind == "noop":
-            # No code to run: the queue's own cost, as benchmarks and flow joins need.
+        if job.kind in ("noop", "timer"):
+            # No code to run: a due timer, or the queue's own cost (benchmarks).
             self._report(running, JobOutcome(ok=True, result=job.input))
             return
         running.task = asyncio.create_task(self._execute(running), name=f"job-{job.id}")
@@ -177,7 +181,7 @@ class Worker:
         job = running.job
         try:
             plan = self._plans[job.script_hash]
-            request = plan.request(job.id, job.input)
+            request = plan.request(job.id, job.input, timeout_s=job.timeout_s)
             self._log(job.id, f"[gristmill] attempt {job.attempt}/{job.max_attempts} on {self.id}\n")
             outcome = await self.executor.run(request, lambda text: self._log(job.id, text),
                                               running.cancel)
@@ -197,7 +201,9 @@ class Worker:
             cancelled = error.get("kind") == "cancelled"
             retry_delay = None
             if not cancelled and job.attempt < job.max_attempts:
-                retry_delay = self._plans[job.script_hash].retry_delay(job.attempt)
+                retry_delay = (compute_retry_delay(job.retry_policy, job.attempt)
+                               if job.retry_policy
+                               else self._plans[job.script_hash].retry_delay(job.attempt))
                 self._log(job.id, f"[gristmill] attempt {job.attempt} failed "
                                   f"({error.get('message')}); retrying in {retry_delay:.1f}s\n")
             result = queue.Outcome(job.id, job.attempt, "cancelled" if cancelled else "failed",
@@ -227,7 +233,10 @@ class Worker:
             if any(o.job_id in self._log_buffer for o in batch):
                 await self._flush_logs()
             async with self._finish_conn.transaction():
-                applied = await queue.finish(self._finish_conn, self.id, batch)
+                ended = await queue.finish(self._finish_conn, self.id, batch)
+                # The flows these jobs belong to move on in the same commit.
+                await flow_engine.on_jobs_ended(self._finish_conn, ended)
+            applied = {job.id for job in ended}
         except BaseException:
             self._outcomes[:0] = batch
             self._outcomes_ready.set()
@@ -270,7 +279,9 @@ class Worker:
             try:
                 for job_id in await workers.heartbeat(self._side_conn, self.id):
                     self._cancel(job_id)
-                reaped = await queue.reap(self._side_conn, self.config.lease)
+                async with self._side_conn.transaction():
+                    reaped = await queue.reap(self._side_conn, self.config.lease)
+                    await flow_engine.on_jobs_ended(self._side_conn, reaped)
                 if reaped:
                     log.warning("reaped jobs of lost workers: %s", reaped)
                 if time.monotonic() - last_maintenance > MAINTENANCE_INTERVAL_S:

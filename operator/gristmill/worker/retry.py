@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from gristmill.spec import parse_duration
+
 
 def backoff_delay(
     attempt: int, initial_s: float, max_s: float, rng: random.Random | None = None
@@ -13,3 +15,12 @@ def backoff_delay(
     rng = rng or random
     ceiling = min(max_s, initial_s * 2 ** max(attempt - 1, 0))
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def retry_delay(policy: dict, attempt: int) -> float:
+    """Delay after a failed `attempt` under a flow step's retry policy
+    ({backoff: constant|exponential, delay, maxDelay})."""
+    delay, max_delay = parse_duration(policy["delay"]), parse_duration(policy["maxDelay"])
+    if policy.get("backoff") == "constant":
+        return min(delay, max_delay)
+    return backoff_delay(attempt, delay, max_delay)

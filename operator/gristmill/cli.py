@@ -68,7 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"input": _read_input(args)}
     if args.priority is not None:
         body["priority"] = args.priority
-    submitted = client.submit_script(args.namespace, args.name, body)
+    submit = client.submit_script if args.what == "script" else client.submit_flow
+    submitted = submit(args.namespace, args.name, body)
     if not args.wait:
         if args.output == "json":
             _print_json(submitted)
@@ -85,24 +86,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_steps(steps: list[dict[str, Any]], depth: int = 0) -> None:
+    shown = steps if len(steps) <= 20 else steps[:10]
+    for step in shown:
+        duration = f"{step['durationMs']:.0f} ms" if step["durationMs"] is not None else ""
+        attempts = f"x{step['attempts']}" if (step["attempts"] or 0) > 1 else ""
+        print(f"{'  ' * depth}{step['path']:<{max(28 - 2 * depth, 8)}} {step['status']:<10} "
+              f"{duration:>10} {attempts}".rstrip())
+        if step["error"]:
+            print(f"{'  ' * (depth + 1)}error: {step['error'].get('message', '')}")
+        _print_steps(step["steps"], depth + 1)
+    if len(shown) < len(steps):
+        counts: dict[str, int] = {}
+        for step in steps[len(shown):]:
+            counts[step["status"]] = counts.get(step["status"], 0) + 1
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        print(f"{'  ' * depth}... {len(steps) - len(shown)} more ({summary})")
+
+
 def cmd_get_run(args: argparse.Namespace) -> int:
     run = Client(args.server).get_run(args.run_id)
     if args.output == "json":
         _print_json(run)
         return 0
-    rows = [("id", run["id"]), ("script", f"{run['namespace']}/{run['script']}"),
-            ("version", (run["version"] or "")[:12]), ("status", run["status"]),
-            ("attempts", f"{run['attempts']}" + (f"/{run['maxAttempts']}" if run["maxAttempts"] else "")),
+    if run["kind"] == "script":
+        what = ("script", f"{run['namespace']}/{run['script']}")
+        attempts = f"{run['attempts']}" + (f"/{run['maxAttempts']}" if run["maxAttempts"] else "")
+    else:
+        what = ("flow", f"{run['namespace']}/{run['flow']}")
+        attempts = None
+    rows = [("id", run["id"]), what, ("version", (run["version"] or "")[:12]),
+            ("status", run["status"]), ("attempts", attempts),
+            ("restarted from", run.get("restartedFrom")), ("parent run", run.get("parentRun")),
             ("created", run["createdAt"]), ("started", run["startedAt"]),
             ("finished", run["finishedAt"]),
             ("duration", f"{run['durationMs']} ms" if run["durationMs"] is not None else None)]
     for key, value in rows:
         if value is not None:
-            print(f"{key + ':':<10} {value}")
+            print(f"{key + ':':<15} {value}")
     if run["result"] is not None:
-        print("result:    " + json.dumps(run["result"]))
+        print(f"{'result:':<15} {json.dumps(run['result'])}")
     if run["error"]:
-        print("error:     " + run["error"].get("message", ""))
+        print(f"{'error:':<15} {run['error'].get('message', '')}")
+    if run["kind"] == "flow":
+        print("steps:")
+        _print_steps(run["steps"], 1)
     return 0
 
 
@@ -116,6 +144,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     answer = Client(args.server).cancel(args.run_id)
     print(f"run {answer['id']} {answer['status']}")
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    approve = args.command == "approve"
+    who = args.by or os.environ.get("USER") or "cli"
+    answer = Client(args.server).decide(args.run_id, approve, args.step, who)
+    print(f"run {answer['id']}: step {answer['step']} {answer['decision']}")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    answer = Client(args.server).restart(args.run_id, args.from_step)
+    print(answer["id"])
     return 0
 
 
@@ -222,17 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="submit a run")
     run_sub = p.add_subparsers(dest="what", required=True, metavar="KIND")
-    p = run_sub.add_parser("script", help="run a Script")
-    p.add_argument("name")
-    p.add_argument("-n", "--namespace", default="default")
-    p.add_argument("--input", help="input as a JSON object")
-    p.add_argument("--input-file", help="file holding the input JSON (- for stdin)")
-    p.add_argument("--priority", type=int)
-    p.add_argument("--wait", action="store_true", help="wait and print the result")
-    p.add_argument("--timeout", type=float, help="with --wait: give up after SECONDS")
-    p.add_argument("-o", "--output", choices=["json"], help="print the whole run as JSON")
-    client_args(p)
-    p.set_defaults(func=cmd_run)
+    for kind in ("script", "flow"):
+        p = run_sub.add_parser(kind, help=f"run a {kind.capitalize()}")
+        p.add_argument("name")
+        p.add_argument("-n", "--namespace", default="default")
+        p.add_argument("--input", help="input as a JSON object")
+        p.add_argument("--input-file", help="file holding the input JSON (- for stdin)")
+        p.add_argument("--priority", type=int)
+        p.add_argument("--wait", action="store_true", help="wait and print the result")
+        p.add_argument("--timeout", type=float, help="with --wait: give up after SECONDS")
+        p.add_argument("-o", "--output", choices=["json"], help="print the whole run as JSON")
+        client_args(p)
+        p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("get", help="show a run")
     get_sub = p.add_subparsers(dest="what", required=True, metavar="KIND")
@@ -252,6 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     client_args(p)
     p.set_defaults(func=cmd_cancel)
+
+    for verb in ("approve", "reject"):
+        p = sub.add_parser(verb, help=f"{verb} a flow run's suspended step")
+        p.add_argument("run_id")
+        p.add_argument("--step", help="the suspended step's path, when several wait")
+        p.add_argument("--by", help="who decides (default: $USER)")
+        client_args(p)
+        p.set_defaults(func=cmd_decide)
+
+    p = sub.add_parser("restart", help="re-run a flow run from a step, reusing earlier results")
+    p.add_argument("run_id")
+    p.add_argument("--from", dest="from_step", required=True, metavar="STEP",
+                   help="a top-level step id")
+    client_args(p)
+    p.set_defaults(func=cmd_restart)
 
     p = sub.add_parser("worker", help="run a worker (what a WorkerGroup's pods run)")
     db_args(p)

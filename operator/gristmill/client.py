@@ -54,6 +54,19 @@ class Client:
     def submit_script(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._json("POST", f"/api/v1/namespaces/{namespace}/scripts/{name}/runs", body)
 
+    def submit_flow(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", f"/api/v1/namespaces/{namespace}/flows/{name}/runs", body)
+
+    def decide(self, run_id: str, approve: bool, step: str | None, by: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"by": by}
+        if step:
+            body["step"] = step
+        return self._json("POST", f"/api/v1/runs/{run_id}/{'approve' if approve else 'reject'}",
+                          body)
+
+    def restart(self, run_id: str, from_step: str) -> dict[str, Any]:
+        return self._json("POST", f"/api/v1/runs/{run_id}/restart", {"fromStep": from_step})
+
     def get_run(self, run_id: str) -> dict[str, Any]:
         return self._json("GET", f"/api/v1/runs/{run_id}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -37,6 +38,7 @@ def postgres_server():
         yield url
     finally:
         server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _database_url(server_url: str, dbname: str) -> str:

@@ -21,7 +21,8 @@ class JobPlan:
     env: dict[str, str]
 
     def request(self, job_id: uuid.UUID, job_input: dict[str, Any],
-                timeout_s: float | None = None) -> JobRequest:
+                timeout_s: float | None = None, job_env: dict[str, str] | None = None
+                ) -> JobRequest:
         limits = self.limits if timeout_s is None else replace(self.limits, timeout_s=timeout_s)
         return JobRequest(
             job_id=str(job_id),
@@ -30,7 +31,7 @@ class JobPlan:
             input=apply_defaults(self.input_schema, job_input),
             input_order=tuple(self.input_schema.get("properties", {})),
             requirements=tuple(self.spec.requirements),
-            env=self.env,
+            env={**self.env, **(job_env or {})},
             network=self.spec.sandbox.network,
             limits=limits,
         )

@@ -57,6 +57,16 @@ class _Running:
     task: asyncio.Task | None = None
 
 
+def _job_env(job: queue.ClaimedJob) -> dict[str, str]:
+    """What a job may know about itself (as Windmill's WM_JOB_ID and friends)."""
+    env = {"GRISTMILL_JOB_ID": str(job.id), "GRISTMILL_ATTEMPT": str(job.attempt),
+           "GRISTMILL_NAMESPACE": job.namespace}
+    if job.flow_run_id:
+        env["GRISTMILL_FLOW_RUN_ID"] = str(job.flow_run_id)
+        env["GRISTMILL_STEP"] = job.step_path or ""
+    return env
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, executor: Executor):
         self.config = config
@@ -181,7 +191,8 @@ class Worker:
         job = running.job
         try:
             plan = self._plans[job.script_hash]
-            request = plan.request(job.id, job.input, timeout_s=job.timeout_s)
+            request = plan.request(job.id, job.input, timeout_s=job.timeout_s,
+                                   job_env=_job_env(job))
             self._log(job.id, f"[gristmill] attempt {job.attempt}/{job.max_attempts} on {self.id}\n")
             outcome = await self.executor.run(request, lambda text: self._log(job.id, text),
                                               running.cancel)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gristmill.spec.expressions import ExpressionError, compile_expression, referenced_steps
 from gristmill.spec.meta import ObjectMeta
 from gristmill.spec.quantities import Duration
-from gristmill.spec.script import EnvVar, ScriptSpec
+from gristmill.spec.script import EnvVar, ScriptSpec, content_hash
 
 STEP_ID_PATTERN = r"^[a-z_][a-z0-9_]*$"
 ACTIONS = ("script", "inline", "branchOne", "branchAll", "forEach", "flow")
@@ -155,8 +155,7 @@ class FlowSpec(_Strict):
                                                             "more wait their turn.")
     priority: int = Field(0, ge=-100, le=100, description="Priority of the flow's jobs.")
     env: list[EnvVar] = Field(default_factory=list,
-                              description="Variables for every step's job, also readable as "
-                                          "env.<name> in expressions.")
+                              description="Constants readable as env.<NAME> in expressions.")
 
     @model_validator(mode="after")
     def _check_graph(self) -> FlowSpec:
@@ -175,6 +174,9 @@ class FlowSpec(_Strict):
         yield from walk(self.steps, 0)
         if self.onFailure:
             yield from walk([self.onFailure], 0)
+
+    def content_hash(self) -> str:
+        return content_hash(self)
 
     def script_names(self) -> set[str]:
         return {step.script for step, _ in self.all_steps() if step.script}

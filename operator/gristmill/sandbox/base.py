@@ -1,0 +1,53 @@
+"""What an executor is given and what it answers: the contract between worker and sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run here; the message says what is missing and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout_s: float = 900.0  # wall clock of one attempt
+    memory_bytes: int = 512 * 2**20
+    cpu_cores: float = 1.0  # process sandbox: CPU time is capped at timeout_s * cpu_cores
+    max_processes: int = 64
+    max_output_bytes: int = 10 * 2**20  # stdout and stderr together
+    max_file_bytes: int = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    job_id: str
+    language: str  # python | bash
+    code: str
+    input: dict[str, Any]
+    input_order: tuple[str, ...] = ()  # bash: the order of positional arguments
+    requirements: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # all the job's environment
+    network: bool = False
+    limits: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    ok: bool
+    result: Any = None  # JSON-serialisable
+    # {"kind": exception | exit | timeout | memory | cpu | output_limit | killed | cancelled |
+    #  setup | result, "message": one line a person can act on, "traceback": optional}
+    error: dict[str, Any] | None = None
+
+
+def failure(kind: str, message: str, **extra: Any) -> JobOutcome:
+    return JobOutcome(ok=False, error={"kind": kind, "message": message, **extra})
+
+
+class Executor(Protocol):
+    async def run(self, request: JobRequest, on_output: Callable[[str], None],
+                  cancel: asyncio.Event) -> JobOutcome: ...

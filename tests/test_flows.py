@@ -323,24 +323,36 @@ async def test_cancel_stops_running_steps_and_starts_nothing(flows_db, database_
     assert "after" not in await step_statuses(flows_db, run_id)
 
 
-async def test_restart_from_a_step_reuses_earlier_results(flows_db, database_url):
-    await apply_yaml(flows_db, flow("resumable", """
+async def test_restart_from_the_failed_step_reuses_earlier_results(flows_db, database_url):
+    await apply_yaml(flows_db, script("calc", """
+        def main(x: int) -> int:
+            raise ValueError("bug")
+    """) + flow("resumable", """
         steps:
           - {id: fetch, script: echo, input: {value: "7"}}
-          - {id: compute, script: boom, skipWhen: "flow_input.fixed"}
-          - {id: finish, script: add, input: {a: results.fetch, b: "1"}}
+          - {id: compute, script: calc, input: {x: results.fetch}}
+          - {id: finish, script: add, input: {a: results.compute, b: "1"}}
     """))
     async with running_workers(database_url):
-        failed = await run_flow(flows_db, "resumable", {"fixed": False})
-        assert failed.status == "failed"
+        failed = await run_flow(flows_db, "resumable")
+        assert failed.status == "failed" and failed.error["step"] == "compute"
+        # The bug is fixed; the run restarts from the step that failed.
+        await apply_yaml(flows_db, script("calc", """
+            def main(x: int) -> int:
+                return x * 2
+        """))
         async with flows_db.transaction():
             with pytest.raises(FlowError, match="top-level step"):
                 await engine.restart_run(flows_db, failed.id, "nope")
-            restarted = await engine.restart_run(flows_db, failed.id, "finish")
+            with pytest.raises(FlowError, match="did not succeed"):
+                await engine.restart_run(flows_db, failed.id, "finish")
+            restarted = await engine.restart_run(flows_db, failed.id, "compute")
         run = await wait_run(flows_db, restarted.id)
-    assert run.status == "succeeded" and run.result == 8
+    assert run.status == "succeeded" and run.result == 15
     assert run.restarted_from == failed.id
-    assert await completions(flows_db, run.id) == {"finish": 1}  # fetch was not run again
+    # fetch's result was reused, not run again.
+    assert await completions(flows_db, run.id) == {"compute": 1, "finish": 1}
+    assert (await step_statuses(flows_db, run.id))["fetch"] == "succeeded"
 
 
 async def test_a_run_keeps_the_versions_it_started_with(flows_db, database_url):

@@ -652,8 +652,12 @@ async def decide(conn: psycopg.AsyncConnection, run_id: uuid.UUID, approve: bool
 
 async def restart_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID, from_step: str
                       ) -> FlowRun:
-    """A new run of the same versions and input that reuses the results of the steps before
-    `from_step` (a top-level step) and runs from there."""
+    """A new run of the same Flow version and input that reuses the results of the steps
+    before `from_step` (a top-level step) and runs from there.
+
+    Scripts are resolved anew, so a Script fixed since the failure runs fixed: the usual
+    reason to restart from the failed step.
+    """
     old = await flow_store.get_run(conn, run_id)
     if old is None:
         raise FlowError(404, f"flow run {run_id} not found")
@@ -672,8 +676,9 @@ async def restart_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID, from_ste
     if unfinished:
         raise FlowError(409, f"cannot restart from {from_step!r}: earlier step(s) "
                              f"{', '.join(unfinished)} did not succeed in run {run_id}")
+    pins = await resolve_pins(conn, old.namespace, plan, seen=(old.flow_name,))
     run = _new_run(old.namespace, old.flow_name, old.flow_hash, old.input, old.priority,
-                   old.pins, "running", restarted_from=old.id)
+                   pins, "running", restarted_from=old.id)
     await flow_store.insert_run(conn, run)
     await flow_store.copy_steps(conn, run.id, old.id, earlier)
     engine = RunEngine(conn, run, plan)

@@ -283,7 +283,9 @@ VALUES (%(run_id)s, %(path)s, %(step_id)s, %(status)s, %(result)s, %(error)s, %(
         CASE WHEN %(status)s IN ('succeeded', 'failed', 'skipped', 'cancelled') THEN now() END)
 ON CONFLICT (run_id, path) DO UPDATE SET
     status = excluded.status, result = excluded.result, error = excluded.error,
-    job_id = excluded.job_id, child_run_id = excluded.child_run_id, state = excluded.state,
+    job_id = coalesce(excluded.job_id, flow_steps.job_id),
+    child_run_id = coalesce(excluded.child_run_id, flow_steps.child_run_id),
+    state = excluded.state,
     finished_at = excluded.finished_at
 """
 

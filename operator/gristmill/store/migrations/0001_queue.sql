@@ -147,7 +147,7 @@ DECLARE
     deferred uuid[] := '{}';
     key_budget jsonb := '{}';
 BEGIN
-    IF p_tags = ARRAY['*'] THEN
+    IF '*' = ANY (p_tags) THEN
         -- A worker that serves every tag (gristmill dev): the tags that have queued jobs.
         p_tags := ARRAY(SELECT DISTINCT tag FROM jobs WHERE status = 'queued');
     END IF;

@@ -89,8 +89,10 @@ class _Stream:
         while chunk := await reader.read(65536):
             counter[0] += len(chunk)
             if counter[0] > self.cap:
+                # Past the cap the job is killed; keep draining to EOF, or asyncio never
+                # sees the pipe close and the process's exit is never reported.
                 self.exceeded.set()
-                return
+                continue
             text = decoder.decode(chunk)
             if text:
                 self.on_output(text)
@@ -130,6 +132,7 @@ class ProcessExecutor:
             command.append("--share-net")
         if site is not None:
             command += ["--ro-bind", str(site), SITE_DIR]
+        command += ["--remount-ro", "/"]  # after the mounts: only /work and /tmp stay writable
         for name, value in env.items():
             command += ["--setenv", name, value]
         return [*command, "--", *argv]

@@ -1,0 +1,205 @@
+"""The CLI as a user runs it: `gristmill dev` in a subprocess, then run, get, logs, cancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def gristmill(*args: str, server: str | None = None, env: dict | None = None,
+              timeout: float = 60) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **(env or {})}
+    if server:
+        environment["GRISTMILL_SERVER"] = server
+    return subprocess.run([sys.executable, "-m", "gristmill.cli", *args], capture_output=True,
+                          text=True, env=environment, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(server: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            with urllib.request.urlopen(f"{server}/healthz", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("gristmill dev did not come up")
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+    """`gristmill dev` on a copy of examples/, as a user starts it."""
+    root = tmp_path_factory.mktemp("dev")
+    manifests = root / "manifests"
+    shutil.copytree(EXAMPLES, manifests)
+    port = free_port()
+    server = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "gristmill.cli", "dev", str(manifests), "--port", str(port),
+               "--workers", "2", "--data-dir", str(root / "data")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=root)
+    wait_healthy(server, process)
+    yield {"server": server, "manifests": manifests, "process": process, "command": command,
+           "root": root}
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+
+
+def test_run_script_wait_prints_the_result(dev):
+    done = gristmill("run", "script", "hello", "--input", '{"name": "world"}', "--wait",
+                     server=dev["server"])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"greeting": "Hello, world."}
+    bash = gristmill("run", "script", "word-count", "--input", '{"text": "a b a"}', "--wait",
+                     server=dev["server"])
+    assert json.loads(bash.stdout) == {"words": 3, "distinct": 2}
+
+
+def test_run_flow_and_read_it_back(dev):
+    done = gristmill("run", "flow", "process-orders", "--input", '{"batch": "b1", "count": 4}',
+                     "--wait", "-o", "json", server=dev["server"])
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert run["status"] == "succeeded"
+    assert run["result"] == {"batch": "b1", "total": 75.0, "orders": 4}
+    shown = gristmill("get", "run", run["id"], server=dev["server"])
+    assert "price_one[3]" in shown.stdout and "x2" in shown.stdout  # retried once
+    assert "autoapprove" in shown.stdout
+    log = gristmill("logs", run["id"], server=dev["server"])
+    assert "pricing service timed out" in log.stdout
+
+
+def test_failed_run_prints_the_error_and_the_log_tail(dev):
+    (dev["manifests"] / "broken.yaml").write_text(
+        "apiVersion: gristmill.io/v1alpha1\nkind: Script\nmetadata: {name: broken}\n"
+        "spec:\n  language: python\n  code: |\n    def main():\n"
+        "        print('about to fail')\n        raise ValueError('bad data')\n")
+    deadline = time.monotonic() + 20
+    while True:  # dev reloads the directory when it changes
+        done = gristmill("run", "script", "broken", "--wait", server=dev["server"])
+        if "not found" not in done.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert done.returncode == 1
+    assert "ValueError: bad data" in done.stderr and "about to fail" in done.stderr
+
+
+def test_bad_input_is_refused_before_queueing(dev):
+    wrong_type = gristmill("run", "script", "hello", "--input", '{"name": 3}', "--wait",
+                           server=dev["server"])
+    assert wrong_type.returncode == 1
+    assert "input.name: 3 is not of type 'string'" in wrong_type.stderr
+    typo = gristmill("run", "script", "hello", "--input", '{"nmae": "x"}', server=dev["server"])
+    assert "unknown field 'nmae' (expected one of: excited, name)" in typo.stderr
+    not_json = gristmill("run", "script", "hello", "--input", "{name: x}", server=dev["server"])
+    assert not_json.returncode == 2 and "not valid JSON" in not_json.stderr
+    missing = gristmill("run", "script", "nope", server=dev["server"])
+    assert "Script default/nope not found" in missing.stderr
+    assert "Traceback" not in wrong_type.stderr + typo.stderr + not_json.stderr + missing.stderr
+
+
+def test_bad_manifests_are_reported_and_nothing_of_them_applied(dev):
+    bad = dev["manifests"] / "bad.yaml"
+    bad.write_text(
+        "apiVersion: gristmill.io/v1alpha1\nkind: Script\nmetadata: {name: half-good}\n"
+        "spec: {language: python, code: 'def main(): return 1'}\n---\n"
+        "apiVersion: gristmill.io/v1alpha1\nkind: Script\nmetadata: {name: typo}\n"
+        "spec: {language: python, tmeout: 5s, code: 'def main(): return 1'}\n")
+    result = gristmill("apply", str(bad), "--database-url", _database_url(dev))
+    assert result.returncode == 1
+    assert f"{bad}: Script 'typo': spec.tmeout: unknown field" in result.stdout
+    assert "half-good" not in result.stdout.replace(str(bad), "")  # all or nothing
+    assert "not found" in gristmill("run", "script", "half-good", server=dev["server"]).stderr
+    bad.unlink()
+
+
+def _database_url(dev) -> str:
+    for line in (dev["root"] / "data" / "postgres" / "pgdata" / "postmaster.pid").read_text(
+            ).splitlines()[3:4]:
+        return f"postgresql://gristmill@127.0.0.1:{line.strip()}/gristmill"
+    raise AssertionError("no running Postgres")
+
+
+def test_cancel_a_running_script(dev):
+    (dev["manifests"] / "sleepy.yaml").write_text(
+        "apiVersion: gristmill.io/v1alpha1\nkind: Script\nmetadata: {name: sleepy}\n"
+        "spec:\n  language: bash\n  code: sleep 60\n")
+    deadline = time.monotonic() + 20
+    while True:
+        submitted = gristmill("run", "script", "sleepy", server=dev["server"])
+        if submitted.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    run_id = submitted.stdout.strip()
+    for _ in range(100):
+        if json.loads(gristmill("get", "run", run_id, "-o", "json",
+                                server=dev["server"]).stdout)["status"] == "running":
+            break
+        time.sleep(0.1)
+    assert gristmill("cancel", run_id, server=dev["server"]).returncode == 0
+    for _ in range(100):
+        run = json.loads(gristmill("get", "run", run_id, "-o", "json",
+                                   server=dev["server"]).stdout)
+        if run["status"] == "cancelled":
+            break
+        time.sleep(0.1)
+    assert run["status"] == "cancelled"
+    again = gristmill("cancel", run_id, server=dev["server"])
+    assert again.returncode == 1 and "already ended (cancelled)" in again.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_the_data_dir_is_reusable(dev):
+    process = dev["process"]
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 0
+    output = process.stdout.read()
+    assert "Traceback" not in output and "stopping" in output
+    port = free_port()
+    command = [*dev["command"][:-4], "--port", str(port), *dev["command"][-2:]]
+    again = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, cwd=dev["root"])
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", again)
+        done = gristmill("run", "script", "hello", "--wait", server=f"http://127.0.0.1:{port}")
+        assert json.loads(done.stdout) == {"greeting": "Hello, world."}
+    finally:
+        again.send_signal(signal.SIGINT)
+        assert again.wait(timeout=60) == 0
+
+
+def test_missing_bubblewrap_is_one_line_with_the_fix(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    result = gristmill("worker", "--database-url", "postgresql://nowhere/x",
+                       env={"PATH": str(bin_dir)})
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("gristmill: bubblewrap (bwrap) not found; install it with: "
+                                     "apt-get install -y bubblewrap")
+
+
+def test_unreachable_server_says_how_to_fix_it():
+    result = gristmill("get", "run", "3f2b8c4e-1d2a-4b6e-9f10-2a3b4c5d6e7f",
+                       server=f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "cannot reach the Gristmill API" in result.stderr and "gristmill dev" in result.stderr

@@ -10,8 +10,8 @@ import sys
 import uuid
 
 import pytest
-
 from flowkit import apply_yaml, running_workers, script
+
 from gristmill.store import logs, queue
 from gristmill.store import scripts as script_store
 

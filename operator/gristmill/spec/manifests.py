@@ -96,6 +96,10 @@ def _pydantic_errors(exc: ValidationError, model: type[BaseModel], source: str, 
             reason = "required field is missing"
         else:
             reason = error["msg"].removeprefix("Value error, ")
+            # A model-level check names its field first ("code: ..."): fold it into the path.
+            head, _, rest = reason.partition(": ")
+            if rest and head in _known_fields(model, (*loc, head)):
+                field_name, reason = f"{field_name}.{head}" if field_name else head, rest
         found.append(ManifestError(source, reason, kind, name, field_name or None))
     return found
 

@@ -13,9 +13,12 @@ from gristmill.runtimes.base import WORK
 from gristmill.sandbox.base import JobOutcome, JobRequest, failure
 
 WRAPPER = r'''
-import asyncio, importlib.util, json, os, sys, traceback
+import json, os, sys
+from importlib.util import module_from_spec, spec_from_file_location
 
-OUT = "/work/.gristmill/outcome.json"
+# Paths are relative to the work dir (the sandbox's /work), which is the cwd.
+OUT = os.path.abspath(".gristmill/outcome.json")
+MAIN = os.path.abspath("main.py")
 PID = os.getpid()
 
 def finish(outcome):
@@ -26,16 +29,17 @@ def finish(outcome):
     os.rename(OUT + ".tmp", OUT)
 
 def run():
-    with open("/work/.gristmill/input.json") as f:
+    with open(".gristmill/input.json") as f:
         args = json.load(f)
-    sys.path.insert(0, "/work")
+    sys.path.insert(0, os.path.dirname(MAIN))
     sys.argv = ["main.py"]
     try:
-        spec = importlib.util.spec_from_file_location("__gristmill_main__", "/work/main.py")
-        module = importlib.util.module_from_spec(spec)
+        spec = spec_from_file_location("__gristmill_main__", MAIN)
+        module = module_from_spec(spec)
         spec.loader.exec_module(module)
         result = module.main(**args)
-        if asyncio.iscoroutine(result):
+        if hasattr(result, "__await__"):  # async def main
+            import asyncio
             result = asyncio.run(result)
     except MemoryError:
         finish(json.dumps({"ok": False, "error": {
@@ -45,8 +49,9 @@ def run():
         if isinstance(exc, SystemExit) and exc.code in (None, 0):
             result = None
         else:
+            import traceback
             tb = exc.__traceback__
-            while tb is not None and tb.tb_frame.f_code.co_filename != "/work/main.py":
+            while tb is not None and tb.tb_frame.f_code.co_filename != MAIN:
                 tb = tb.tb_next  # drop the wrapper's own frames
             text = "".join(traceback.format_exception(type(exc), exc, tb))
             sys.stderr.write(text)

@@ -20,6 +20,7 @@ import subprocess
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 from common import throwaway_postgres
@@ -154,10 +155,12 @@ async def with_worker(url: str, concurrency: int, body):
 def prefect_timings(python: str) -> dict[str, float] | None:
     try:
         done = subprocess.run([python, "-c", PREFECT], capture_output=True, text=True,
-                              timeout=600, env={"PREFECT_LOGGING_LEVEL": "ERROR",
-                                                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                                                "PATH": "/usr/bin:/bin",
-                                                "HOME": "/tmp/prefect-home"})
+                              timeout=900, env={
+                                  "PREFECT_LOGGING_LEVEL": "ERROR",
+                                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
+                                  "PATH": f"{Path(python).parent}:/usr/bin:/bin",
+                                  "HOME": "/tmp/prefect-home"})
     except (OSError, subprocess.TimeoutExpired) as exc:
         print(f"prefect did not run: {exc}")
         return None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import textwrap
+from pathlib import Path
 
 import pytest
 from flowkit import (
@@ -432,3 +434,23 @@ async def test_submit_refuses_bad_input(flows_db):
     with pytest.raises(FlowError, match="not found"):
         async with flows_db.transaction():
             await engine.submit_flow_run(flows_db, "default", "missing", {})
+
+
+async def test_apply_refuses_missing_scripts_and_sub_flow_cycles(db):
+    from gristmill.dev.manifests import apply_manifests
+
+    await apply_yaml(db, SCRIPTS)
+    manifests = (flow("a", "steps: [{id: call, flow: b}]")
+                 + flow("b", "steps: [{id: back, flow: a}]")
+                 + flow("lonely", "steps: [{id: s, script: missing}]"))
+    path = Path(f"/tmp/gristmill-test-{os.getpid()}.yaml")
+    path.write_text(manifests)
+    try:
+        report = await apply_manifests(db, [path])
+    finally:
+        path.unlink()
+    messages = [str(e) for e in report.errors]
+    assert any("sub-flow cycle: a -> b -> a" in m for m in messages), messages
+    assert any("Flow 'lonely'" in m and "Script 'missing' does not exist" in m
+               for m in messages), messages
+    assert await flow_store.get(db, "default", "lonely") is None

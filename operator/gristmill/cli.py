@@ -230,6 +230,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
+def cmd_crds(args: argparse.Namespace) -> int:
+    from gristmill.spec.crds import render_all
+
+    rendered = render_all()
+    if args.output_dir is None:
+        print("---\n".join(rendered.values()), end="")
+        return 0
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered.items():
+        (out / name).write_text(text)
+        print(f"wrote {out / name}")
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from gristmill.dev.server import DevOptions, run_dev
 
@@ -332,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="create or upgrade the database schema")
     db_args(p)
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("crds", help="print (or write) the CustomResourceDefinitions")
+    p.add_argument("--output-dir", help="write one file per CRD here (e.g. crds/)")
+    p.set_defaults(func=cmd_crds)
 
     p = sub.add_parser("apply", help="store Script manifests in the database (no cluster)")
     p.add_argument("paths", nargs="+")

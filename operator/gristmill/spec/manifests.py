@@ -83,7 +83,7 @@ def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     return []
 
 
-def _pydantic_errors(exc: ValidationError, model: type[BaseModel], source: str, kind: str,
+def pydantic_errors(exc: ValidationError, model: type[BaseModel], source: str, kind: str,
                      name: str | None) -> list[ManifestError]:
     found = []
     for error in exc.errors():
@@ -139,7 +139,7 @@ def _validate(doc: Any, source: str, index: int) -> tuple[BaseModel | None, list
     try:
         return model.model_validate(doc), []
     except ValidationError as exc:
-        return None, _pydantic_errors(exc, model, source, kind, name)
+        return None, pydantic_errors(exc, model, source, kind, name)
 
 
 def load_manifest_text(text: str, source: str = "<stdin>") -> LoadResult:

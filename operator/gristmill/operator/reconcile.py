@@ -1,0 +1,119 @@
+"""What the operator does with a Script or Flow, as plain functions (no kopf here).
+
+Each takes the object as the API server sends it and returns the status to
+write, so that a kopf handler is a one-line call and the logic is testable
+against a real database without Kubernetes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from pydantic import ValidationError
+
+from gristmill.flows.apply import apply_flow, flow_problems
+from gristmill.spec import Flow, Script
+from gristmill.spec.manifests import pydantic_errors
+from gristmill.store import flows as flow_store
+from gristmill.store import scripts as script_store
+
+
+@dataclass
+class Reconciled:
+    """The status to write, and an Event to post when something changed."""
+
+    status: dict[str, Any]
+    ready: bool
+    event: tuple[str, str, str] | None = None  # (type Normal|Warning, reason, message)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ready_condition(ready: bool, reason: str, message: str, generation: int | None,
+                    previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A `Ready` condition; lastTransitionTime moves only when the status flips."""
+    status = "True" if ready else "False"
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    before = next((c for c in previous or [] if c.get("type") == "Ready"), None)
+    since = before["lastTransitionTime"] if before and before.get("status") == status else now
+    return {"type": "Ready", "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": since, "observedGeneration": generation}
+
+
+def _manifest(body: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": dict(body.get("metadata") or {}), "spec": body.get("spec")}
+
+
+def _invalid(exc: ValidationError, model, body: dict[str, Any]) -> str:
+    meta = body.get("metadata") or {}
+    errors = pydantic_errors(exc, model, "", body.get("kind", ""), meta.get("name"))
+    return "; ".join(f"{e.field + ': ' if e.field else ''}{e.reason}" for e in errors)
+
+
+async def reconcile_script(conn: psycopg.AsyncConnection, body: dict[str, Any]) -> Reconciled:
+    meta = body.get("metadata") or {}
+    generation = meta.get("generation")
+    previous = (body.get("status") or {}).get("conditions")
+    try:
+        script = Script.model_validate(_manifest(body))
+    except ValidationError as exc:
+        message = _invalid(exc, Script, body)
+        return Reconciled({"conditions": [ready_condition(False, "Invalid", message, generation,
+                                                          previous)],
+                           "observedGeneration": generation}, False,
+                          ("Warning", "Invalid", message))
+    async with conn.transaction():
+        version, moved = await script_store.apply(conn, script)
+    status = {
+        "conditions": [ready_condition(True, "Stored", f"version {version[:12]} stored",
+                                       generation, previous)],
+        "observedGeneration": generation,
+        "version": version,
+        "shortVersion": version[:12],
+        "tag": script.spec.effective_tag,
+        "inputSchema": script.spec.input_schema(),
+    }
+    event = ("Normal", "Stored", f"version {version[:12]} stored") if moved else None
+    return Reconciled(status, True, event)
+
+
+async def reconcile_flow(conn: psycopg.AsyncConnection, body: dict[str, Any]) -> Reconciled:
+    meta = body.get("metadata") or {}
+    generation = meta.get("generation")
+    previous = (body.get("status") or {}).get("conditions")
+
+    def not_ready(reason: str, message: str) -> Reconciled:
+        return Reconciled({"conditions": [ready_condition(False, reason, message, generation,
+                                                          previous)],
+                           "observedGeneration": generation}, False,
+                          ("Warning", reason, message))
+
+    try:
+        flow = Flow.model_validate(_manifest(body))
+    except ValidationError as exc:
+        return not_ready("Invalid", _invalid(exc, Flow, body))
+    problems = await flow_problems(conn, flow)
+    if problems:
+        return not_ready("MissingReference", "; ".join(problems))
+    async with conn.transaction():
+        version, moved = await apply_flow(conn, flow)
+    status = {
+        "conditions": [ready_condition(True, "Stored", f"version {version[:12]} stored",
+                                       generation, previous)],
+        "observedGeneration": generation,
+        "version": version,
+        "shortVersion": version[:12],
+        "steps": sum(1 for _ in flow.spec.all_steps()),
+    }
+    event = ("Normal", "Stored", f"version {version[:12]} stored") if moved else None
+    return Reconciled(status, True, event)
+
+
+async def forget(conn: psycopg.AsyncConnection, kind: str, namespace: str, name: str) -> bool:
+    """A deleted Script or Flow takes no new runs; runs in flight keep their versions."""
+    store = script_store if kind == "Script" else flow_store
+    async with conn.transaction():
+        return await store.delete(conn, namespace, name)

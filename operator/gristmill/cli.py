@@ -230,6 +230,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    import gristmill.operator.handlers  # noqa: F401  (registers the handlers)
+
+    _database_url(args)  # fail early, in one line
+    if args.database_url:
+        os.environ["GRISTMILL_DATABASE_URL"] = args.database_url
+    namespaces = args.namespace or []
+    kopf.run(clusterwide=not namespaces, namespaces=namespaces, standalone=True,
+             liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz")
+    return 0
+
+
 def cmd_crds(args: argparse.Namespace) -> int:
     from gristmill.spec.crds import render_all
 
@@ -347,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="create or upgrade the database schema")
     db_args(p)
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    db_args(p)
+    p.add_argument("-n", "--namespace", action="append",
+                   help="watch only this namespace (repeatable; default: all)")
+    p.add_argument("--health-port", type=int, default=8081, help="liveness probe port")
+    p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("crds", help="print (or write) the CustomResourceDefinitions")
     p.add_argument("--output-dir", help="write one file per CRD here (e.g. crds/)")

@@ -42,12 +42,12 @@ def ready_condition(ready: bool, reason: str, message: str, generation: int | No
             "lastTransitionTime": since, "observedGeneration": generation}
 
 
-def _manifest(body: dict[str, Any]) -> dict[str, Any]:
+def manifest(body: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
             "metadata": dict(body.get("metadata") or {}), "spec": body.get("spec")}
 
 
-def _invalid(exc: ValidationError, model, body: dict[str, Any]) -> str:
+def invalid_message(exc: ValidationError, model, body: dict[str, Any]) -> str:
     meta = body.get("metadata") or {}
     errors = pydantic_errors(exc, model, "", body.get("kind", ""), meta.get("name"))
     return "; ".join(f"{e.field + ': ' if e.field else ''}{e.reason}" for e in errors)
@@ -58,9 +58,9 @@ async def reconcile_script(conn: psycopg.AsyncConnection, body: dict[str, Any]) 
     generation = meta.get("generation")
     previous = (body.get("status") or {}).get("conditions")
     try:
-        script = Script.model_validate(_manifest(body))
+        script = Script.model_validate(manifest(body))
     except ValidationError as exc:
-        message = _invalid(exc, Script, body)
+        message = invalid_message(exc, Script, body)
         return Reconciled({"conditions": [ready_condition(False, "Invalid", message, generation,
                                                           previous)],
                            "observedGeneration": generation}, False,
@@ -92,9 +92,9 @@ async def reconcile_flow(conn: psycopg.AsyncConnection, body: dict[str, Any]) ->
                           ("Warning", reason, message))
 
     try:
-        flow = Flow.model_validate(_manifest(body))
+        flow = Flow.model_validate(manifest(body))
     except ValidationError as exc:
-        return not_ready("Invalid", _invalid(exc, Flow, body))
+        return not_ready("Invalid", invalid_message(exc, Flow, body))
     problems = await flow_problems(conn, flow)
     if problems:
         return not_ready("MissingReference", "; ".join(problems))

@@ -1,0 +1,161 @@
+"""kopf handlers: thin, each turns an event into a call of a plain function.
+
+Scripts and Flows are stored in Postgres (a finalizer takes a deleted one out
+of new submissions); a Flow that is not Ready is re-checked on a timer, so it
+turns Ready once the Script it waits for appears. A WorkerGroup owns a
+Deployment (owner reference: deleting the group deletes its workers, which
+drain on SIGTERM); no finalizer is needed there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from psycopg_pool import AsyncConnectionPool
+from pydantic import ValidationError
+
+from gristmill.operator import reconcile
+from gristmill.operator.deployment import LABEL_GROUP, deployment_name, worker_deployment
+from gristmill.spec import WorkerGroup
+
+GROUP, VERSION = "gristmill.io", "v1alpha1"
+DATABASE_SECRET = os.environ.get("GRISTMILL_DATABASE_SECRET", "gristmill-database")
+RECHECK_S = float(os.environ.get("GRISTMILL_RECHECK_INTERVAL", "10"))
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = "gristmill.io/cleanup"
+    settings.posting.level = 20  # INFO and up become Events
+    settings.watching.server_timeout = 300
+    url = os.environ["GRISTMILL_DATABASE_URL"]
+    memo.pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False,
+                                    kwargs={"autocommit": True})
+    await memo.pool.open(wait=True, timeout=60)
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await memo.pool.close()
+
+
+@kopf.on.probe(id="database")
+async def database_reachable(memo: kopf.Memo, **_: Any) -> bool:
+    async with memo.pool.connection(timeout=5) as conn:
+        await conn.execute("SELECT 1")
+    return True
+
+
+def _record(result: reconcile.Reconciled, body: kopf.Body, patch: kopf.Patch) -> None:
+    patch.status.update(result.status)
+    if result.event:
+        kind, reason, message = result.event
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+
+def _not_ready(status: kopf.Status, **_: Any) -> bool:
+    conditions = status.get("conditions") or []
+    return not any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+# ---- Scripts and Flows --------------------------------------------------------------------
+
+@kopf.on.resume(GROUP, VERSION, "scripts")
+@kopf.on.create(GROUP, VERSION, "scripts")
+@kopf.on.update(GROUP, VERSION, "scripts", field="spec")
+async def script_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    async with memo.pool.connection() as conn:
+        _record(await reconcile.reconcile_script(conn, dict(body)), body, patch)
+
+
+@kopf.on.resume(GROUP, VERSION, "flows")
+@kopf.on.create(GROUP, VERSION, "flows")
+@kopf.on.update(GROUP, VERSION, "flows", field="spec")
+async def flow_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    async with memo.pool.connection() as conn:
+        _record(await reconcile.reconcile_flow(conn, dict(body)), body, patch)
+
+
+@kopf.timer(GROUP, VERSION, "flows", interval=RECHECK_S, initial_delay=RECHECK_S,
+            when=lambda status, **_: _not_ready(status))
+async def flow_recheck(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """A Flow waiting for a Script (or sub-flow) turns Ready without being touched."""
+    async with memo.pool.connection() as conn:
+        _record(await reconcile.reconcile_flow(conn, dict(body)), body, patch)
+
+
+@kopf.on.delete(GROUP, VERSION, "scripts")
+@kopf.on.delete(GROUP, VERSION, "flows")
+async def definition_deleted(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
+                             **_: Any) -> None:
+    async with memo.pool.connection() as conn:
+        await reconcile.forget(conn, body["kind"], namespace, name)
+
+
+# ---- WorkerGroups ------------------------------------------------------------------------------
+
+def _apply_deployment(deployment: dict[str, Any]) -> dict[str, Any]:
+    apps = client.AppsV1Api()
+    namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
+    try:
+        apps.read_namespaced_deployment(name, namespace)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        return apps.create_namespaced_deployment(namespace, deployment).to_dict()
+    return apps.patch_namespaced_deployment(name, namespace, deployment).to_dict()
+
+
+@kopf.on.resume(GROUP, VERSION, "workergroups")
+@kopf.on.create(GROUP, VERSION, "workergroups")
+@kopf.on.update(GROUP, VERSION, "workergroups", field="spec")
+async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
+                               **_: Any) -> None:
+    generation = body["metadata"].get("generation")
+    previous = (body.get("status") or {}).get("conditions")
+    try:
+        group = WorkerGroup.model_validate(reconcile.manifest(dict(body)))
+    except ValidationError as exc:
+        message = reconcile.invalid_message(exc, WorkerGroup, dict(body))
+        patch.status["conditions"] = [reconcile.ready_condition(False, "Invalid", message,
+                                                                generation, previous)]
+        kopf.warn(body, reason="Invalid", message=message)
+        return
+    deployment = worker_deployment(group, DATABASE_SECRET)
+    kopf.adopt(deployment, owner=body)
+    await asyncio.to_thread(_apply_deployment, deployment)
+    patch.status.update({
+        "selector": f"app.kubernetes.io/name=gristmill-worker,{LABEL_GROUP}={name}",
+        "deployment": deployment_name(name),
+        "desiredReplicas": group.spec.replicas,
+        "observedGeneration": generation,
+        "conditions": [reconcile.ready_condition(True, "DeploymentApplied",
+                                                 f"Deployment {deployment_name(name)} applied",
+                                                 generation, previous)],
+    })
+
+
+@kopf.timer(GROUP, VERSION, "workergroups", interval=RECHECK_S)
+async def worker_group_status(body: kopf.Body, patch: kopf.Patch, namespace: str, name: str,
+                              **_: Any) -> None:
+    """Mirror the Deployment's replica counts into the group's status (and scale subresource)."""
+    apps = client.AppsV1Api()
+    try:
+        deployment = await asyncio.to_thread(apps.read_namespaced_deployment_status,
+                                             deployment_name(name), namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return
+        raise
+    status = deployment.status
+    patch.status["replicas"] = status.replicas or 0
+    patch.status["readyReplicas"] = status.ready_replicas or 0

@@ -31,17 +31,13 @@ import time
 from pathlib import Path
 
 import psycopg
+from common import percentile
 
 from gristmill.dev.postgres import EmbeddedPostgres
 from gristmill.store import queue
 from gristmill.store.migrate import migrate_url
 
 TAG = "bench"
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def start_workers(url: str, processes: int, concurrency: int) -> list[subprocess.Popen]:

@@ -8,6 +8,7 @@ template, which takes a few milliseconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -56,26 +57,30 @@ def template_database(postgres_server):
     return TEMPLATE_DB
 
 
+@contextlib.contextmanager
+def _throwaway_database(server_url: str, template: str | None = None):
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+    try:
+        yield _database_url(server_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 def database_url(postgres_server, template_database):
     """A freshly migrated database of its own for one test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template_database}")
-    yield _database_url(postgres_server, name)
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with _throwaway_database(postgres_server, template_database) as url:
+        yield url
 
 
 @pytest.fixture
 def empty_database_url(postgres_server):
     """A database with no schema at all, for migration tests."""
-    name = f"e_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield _database_url(postgres_server, name)
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with _throwaway_database(postgres_server) as url:
+        yield url
 
 
 @pytest.fixture

@@ -59,20 +59,18 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def submit_script(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    ns, name = request.match_info["namespace"], request.match_info["name"]
-    async with request.app[POOL].connection() as conn:
-        run = await runs.submit_script_run(conn, ns, name, body)
-    return web.json_response(run, status=201)
+def _submitter(submit):
+    async def handler(request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        ns, name = request.match_info["namespace"], request.match_info["name"]
+        async with request.app[POOL].connection() as conn:
+            run = await submit(conn, ns, name, body)
+        return web.json_response(run, status=201)
+    return handler
 
 
-async def submit_flow(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    ns, name = request.match_info["namespace"], request.match_info["name"]
-    async with request.app[POOL].connection() as conn:
-        run = await runs.submit_flow_run(conn, ns, name, body)
-    return web.json_response(run, status=201)
+submit_script = _submitter(runs.submit_script_run)
+submit_flow = _submitter(runs.submit_flow_run)
 
 
 async def show_run(request: web.Request) -> web.Response:

@@ -55,7 +55,9 @@ async def database_reachable(memo: kopf.Memo, **_: Any) -> bool:
     return True
 
 
-def _record(result: reconcile.Reconciled, body: kopf.Body, patch: kopf.Patch) -> None:
+async def _reconcile(reconciler, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    async with memo.pool.connection() as conn:
+        result = await reconciler(conn, dict(body))
     patch.status.update(result.status)
     if result.event:
         kind, reason, message = result.event
@@ -73,24 +75,21 @@ def _not_ready(status: kopf.Status, **_: Any) -> bool:
 @kopf.on.create(GROUP, VERSION, "scripts")
 @kopf.on.update(GROUP, VERSION, "scripts", field="spec")
 async def script_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    async with memo.pool.connection() as conn:
-        _record(await reconcile.reconcile_script(conn, dict(body)), body, patch)
+    await _reconcile(reconcile.reconcile_script, body, patch, memo)
 
 
 @kopf.on.resume(GROUP, VERSION, "flows")
 @kopf.on.create(GROUP, VERSION, "flows")
 @kopf.on.update(GROUP, VERSION, "flows", field="spec")
 async def flow_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    async with memo.pool.connection() as conn:
-        _record(await reconcile.reconcile_flow(conn, dict(body)), body, patch)
+    await _reconcile(reconcile.reconcile_flow, body, patch, memo)
 
 
 @kopf.timer(GROUP, VERSION, "flows", interval=RECHECK_S, initial_delay=RECHECK_S,
             when=lambda status, **_: _not_ready(status))
 async def flow_recheck(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """A Flow waiting for a Script (or sub-flow) turns Ready without being touched."""
-    async with memo.pool.connection() as conn:
-        _record(await reconcile.reconcile_flow(conn, dict(body)), body, patch)
+    await _reconcile(reconcile.reconcile_flow, body, patch, memo)
 
 
 @kopf.on.delete(GROUP, VERSION, "scripts")

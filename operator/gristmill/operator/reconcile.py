@@ -53,6 +53,22 @@ def invalid_message(exc: ValidationError, model, body: dict[str, Any]) -> str:
     return "; ".join(f"{e.field + ': ' if e.field else ''}{e.reason}" for e in errors)
 
 
+def _not_ready(reason: str, message: str, generation: int | None,
+               previous: list[dict[str, Any]] | None) -> Reconciled:
+    return Reconciled({"conditions": [ready_condition(False, reason, message, generation,
+                                                      previous)],
+                       "observedGeneration": generation}, False, ("Warning", reason, message))
+
+
+def _stored(version: str, moved: bool, generation: int | None,
+            previous: list[dict[str, Any]] | None, **extra: Any) -> Reconciled:
+    message = f"version {version[:12]} stored"
+    status = {"conditions": [ready_condition(True, "Stored", message, generation, previous)],
+              "observedGeneration": generation, "version": version,
+              "shortVersion": version[:12], **extra}
+    return Reconciled(status, True, ("Normal", "Stored", message) if moved else None)
+
+
 async def reconcile_script(conn: psycopg.AsyncConnection, body: dict[str, Any]) -> Reconciled:
     meta = body.get("metadata") or {}
     generation = meta.get("generation")
@@ -60,24 +76,11 @@ async def reconcile_script(conn: psycopg.AsyncConnection, body: dict[str, Any]) 
     try:
         script = Script.model_validate(manifest(body))
     except ValidationError as exc:
-        message = invalid_message(exc, Script, body)
-        return Reconciled({"conditions": [ready_condition(False, "Invalid", message, generation,
-                                                          previous)],
-                           "observedGeneration": generation}, False,
-                          ("Warning", "Invalid", message))
+        return _not_ready("Invalid", invalid_message(exc, Script, body), generation, previous)
     async with conn.transaction():
         version, moved = await script_store.apply(conn, script)
-    status = {
-        "conditions": [ready_condition(True, "Stored", f"version {version[:12]} stored",
-                                       generation, previous)],
-        "observedGeneration": generation,
-        "version": version,
-        "shortVersion": version[:12],
-        "tag": script.spec.effective_tag,
-        "inputSchema": script.spec.input_schema(),
-    }
-    event = ("Normal", "Stored", f"version {version[:12]} stored") if moved else None
-    return Reconciled(status, True, event)
+    return _stored(version, moved, generation, previous, tag=script.spec.effective_tag,
+                   inputSchema=script.spec.input_schema())
 
 
 async def reconcile_flow(conn: psycopg.AsyncConnection, body: dict[str, Any]) -> Reconciled:
@@ -85,31 +88,17 @@ async def reconcile_flow(conn: psycopg.AsyncConnection, body: dict[str, Any]) ->
     generation = meta.get("generation")
     previous = (body.get("status") or {}).get("conditions")
 
-    def not_ready(reason: str, message: str) -> Reconciled:
-        return Reconciled({"conditions": [ready_condition(False, reason, message, generation,
-                                                          previous)],
-                           "observedGeneration": generation}, False,
-                          ("Warning", reason, message))
-
     try:
         flow = Flow.model_validate(manifest(body))
     except ValidationError as exc:
-        return not_ready("Invalid", invalid_message(exc, Flow, body))
+        return _not_ready("Invalid", invalid_message(exc, Flow, body), generation, previous)
     problems = await flow_problems(conn, flow)
     if problems:
-        return not_ready("MissingReference", "; ".join(problems))
+        return _not_ready("MissingReference", "; ".join(problems), generation, previous)
     async with conn.transaction():
         version, moved = await apply_flow(conn, flow)
-    status = {
-        "conditions": [ready_condition(True, "Stored", f"version {version[:12]} stored",
-                                       generation, previous)],
-        "observedGeneration": generation,
-        "version": version,
-        "shortVersion": version[:12],
-        "steps": sum(1 for _ in flow.spec.all_steps()),
-    }
-    event = ("Normal", "Stored", f"version {version[:12]} stored") if moved else None
-    return Reconciled(status, True, event)
+    return _stored(version, moved, generation, previous,
+                   steps=sum(1 for _ in flow.spec.all_steps()))
 
 
 async def forget(conn: psycopg.AsyncConnection, kind: str, namespace: str, name: str) -> bool:

@@ -202,9 +202,9 @@ async def main() -> None:
         timings = prefect_timings(args.prefect_python)
         if timings:
             print(f"  prefect   40 sequential light tasks     {timings['light']:6.2f} s  "
-                  f"(gristmill {timings['light'] / light:.1f}x faster)")
+                  f"(prefect/gristmill {timings['light'] / light:.2f})")
             print(f"  prefect   10 sequential 0.5 s tasks     {timings['long']:6.2f} s  "
-                  f"(gristmill {timings['long'] / long:.2f}x faster)")
+                  f"(prefect/gristmill {timings['long'] / long:.2f})")
     print(f"forEach over {args.fanout_items} items, parallelism 100, one worker of "
           f"concurrency 8: {fan_time:.1f} s, {args.fanout_items / fan_time:.0f} items/s")
 

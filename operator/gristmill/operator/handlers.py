@@ -40,7 +40,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        # Read KUBECONFIG now: the client library only reads it when first imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
 
 
 @kopf.on.cleanup()

@@ -1,0 +1,155 @@
+"""kopf running for real against the Kubernetes emulator, with a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+import aiohttp
+import kmock
+import kopf
+import pytest
+import yaml
+from k8s_emulator import Emulator
+
+GROUP = "apis/gristmill.io/v1alpha1/namespaces/team-a"
+VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
+
+
+@kopf.on.login()
+def _login_to_the_emulator(**_):
+    # Each test has an emulator of its own; kopf must not reuse an earlier one's address.
+    return kopf.ConnectionInfo(server=os.environ["GRISTMILL_TEST_KUBE_URL"])
+
+
+def manifest(kind: str, name: str, spec: dict) -> dict:
+    return {"apiVersion": "gristmill.io/v1alpha1", "kind": kind,
+            "metadata": {"name": name, "namespace": "team-a"}, "spec": spec}
+
+
+@contextlib.asynccontextmanager
+async def emulated_cluster(database_url: str, tmp_path):
+    """The emulator with Gristmill's resources, and the environment pointing at it."""
+    async with Emulator() as emulator, kmock.Server(emulator) as server:
+        emulator.resources.load_bundled()
+        for plural, kind in (("scripts", "Script"), ("flows", "Flow"),
+                             ("workergroups", "WorkerGroup")):
+            emulator.resources[f"gristmill.io/v1alpha1/{plural}"] = kmock.ResourceInfo(
+                kind=kind, namespaced=True, singular=kind.lower(), verbs=VERBS,
+                subresources={"status"})
+        url = str(server.url).rstrip("/")
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+            "users": [{"name": "me", "user": {}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "me"}}],
+        }))
+        env = {"KUBECONFIG": str(kubeconfig), "GRISTMILL_DATABASE_URL": database_url,
+               "GRISTMILL_RECHECK_INTERVAL": "1", "GRISTMILL_TEST_KUBE_URL": url}
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            async with aiohttp.ClientSession(base_url=url + "/") as session:
+                yield session
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@contextlib.asynccontextmanager
+async def running_operator():
+    import gristmill.operator.handlers  # noqa: F401  (registers the handlers)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(kopf.operator(
+        clusterwide=True, standalone=True, stop_flag=stop, settings=_settings(kopf)))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def _settings(kopf):
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = True  # the emulator cannot list namespaces
+    return settings
+
+
+async def get(session, path: str) -> dict:
+    async with session.get(path) as response:
+        return await response.json()
+
+
+async def wait_for(check, timeout: float = 20):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.2)
+
+
+def ready_of(obj: dict) -> str | None:
+    for condition in (obj.get("status") or {}).get("conditions") or []:
+        if condition["type"] == "Ready":
+            return condition["status"]
+    return None
+
+
+@pytest.mark.timeout(90)
+async def test_scripts_flows_and_worker_groups_reconciled(database_url, tmp_path):
+    async with emulated_cluster(database_url, tmp_path) as session, running_operator():
+        # A Flow that needs a Script that does not exist yet: not Ready, and says why.
+        flow = manifest("Flow", "pipeline", {"steps": [{"id": "a", "script": "hello"}]})
+        await session.post(f"{GROUP}/flows", json=flow)
+
+        async def flow_state():
+            obj = await get(session, f"{GROUP}/flows/pipeline")
+            return obj if ready_of(obj) else None
+        waiting = await wait_for(flow_state)
+        assert ready_of(waiting) == "False"
+        assert "Script 'hello' does not exist" in waiting["status"]["conditions"][0]["message"]
+
+        # A broken Script: Ready=False with the line.
+        broken = manifest("Script", "hello", {"language": "python", "code": "def main(:\n"})
+        await session.post(f"{GROUP}/scripts", json=broken)
+
+        async def script_state(expected: str):
+            obj = await get(session, f"{GROUP}/scripts/hello")
+            return obj if ready_of(obj) == expected else None
+        failed = await wait_for(lambda: script_state("False"))
+        assert "Python syntax error at line 1" in failed["status"]["conditions"][0]["message"]
+
+        # Fixing it makes the Script Ready, and the Flow turns Ready untouched.
+        await session.patch(f"{GROUP}/scripts/hello",
+                            json={"spec": {"code": "def main(name: str = 'x'):\n    return name\n"}},
+                            headers={"Content-Type": "application/merge-patch+json"})
+        fixed = await wait_for(lambda: script_state("True"))
+        assert fixed["status"]["inputSchema"]["properties"]["name"]["type"] == "string"
+
+        async def flow_ready():
+            obj = await get(session, f"{GROUP}/flows/pipeline")
+            return obj if ready_of(obj) == "True" else None
+        assert (await wait_for(flow_ready))["status"]["steps"] == 1
+
+        # A WorkerGroup gets a Deployment it owns.
+        group = manifest("WorkerGroup", "default", {"tags": ["python"], "replicas": 2})
+        created = await (await session.post(f"{GROUP}/workergroups", json=group)).json()
+
+        async def deployment():
+            obj = await get(session, "apis/apps/v1/namespaces/team-a/deployments/"
+                                     "gristmill-workers-default")
+            return obj if obj.get("kind") == "Deployment" else None
+        owned = await wait_for(deployment)
+        assert owned["spec"]["replicas"] == 2
+        (owner,) = owned["metadata"]["ownerReferences"]
+        assert owner["uid"] == created["metadata"]["uid"] and owner["kind"] == "WorkerGroup"
+        events = await get(session, "api/v1/namespaces/team-a/events")
+        assert any(e.get("reason") == "Stored" for e in events.get("items", []))

@@ -14,6 +14,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,13 +62,17 @@ def _server_user() -> pwd.struct_passwd | None:
 
 
 def _open_path_for(path: Path) -> None:
-    """Let an unprivileged server user traverse every parent of `path`."""
+    """Let an unprivileged server user traverse every parent of `path` (search only, not
+    list), and say so: it changes directories outside the data dir."""
     for parent in [path, *path.parents]:
         if parent == Path("/"):
             break
         mode = parent.stat().st_mode
         if mode & 0o001 == 0:
             parent.chmod(mode | 0o001)
+            print(f"note: made {parent} traversable by others (o+x) so that the PostgreSQL "
+                  f"server, which cannot run as root, reaches its data dir; pass --data-dir "
+                  f"under /var/tmp or /srv to avoid this", file=sys.stderr)
 
 
 @dataclass

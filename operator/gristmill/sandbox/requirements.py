@@ -43,8 +43,7 @@ class RequirementsCache:
     def _install(self, requirements: list[str], target: Path,
                  on_output: Callable[[str], None]) -> Path:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        for path in (self.cache_dir, self.cache_dir.parent):
-            path.chmod(0o755)
+        self.cache_dir.chmod(0o755)  # ours: the sandbox uids read the installs
         with open(self.cache_dir / f"{target.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if target.exists():

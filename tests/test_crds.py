@@ -112,3 +112,19 @@ def test_worker_group_has_a_scale_subresource():
     version = document["spec"]["versions"][0]
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     assert document["spec"]["names"]["categories"] == ["gristmill"]
+
+
+@pytest.mark.parametrize("version", ["1.29.0", latest_version()])
+def test_operator_rbac_is_valid_and_covers_what_the_handlers_touch(version):
+    documents = list(yaml.safe_load_all((ROOT / "charts/gristmill/files/rbac.yaml").read_text()))
+    for document in documents:
+        k8s_validate(document, version, strict=True)
+    (role,) = [d for d in documents if d["kind"] == "ClusterRole"]
+    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    needed = {("gristmill.io", plural, verb) for plural in ("scripts", "flows", "workergroups")
+              for verb in ("list", "watch", "patch")}
+    needed |= {("apps", "deployments", verb) for verb in ("get", "create", "patch")}
+    needed |= {("", "events", "create"), ("apps", "deployments/status", "get")}
+    assert needed <= granted
+    assert not any(verb in ("*", "delete", "escalate", "bind") for *_, verb in granted)

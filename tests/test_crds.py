@@ -128,3 +128,13 @@ def test_operator_rbac_is_valid_and_covers_what_the_handlers_touch(version):
     needed |= {("", "events", "create"), ("apps", "deployments/status", "get")}
     assert needed <= granted
     assert not any(verb in ("*", "delete", "escalate", "bind") for *_, verb in granted)
+
+
+def test_cel_rule_min_not_above_max():
+    schema = _schema_of("WorkerGroup")
+    spec = {"tags": ["gpu"], "autoscaling": {"minReplicas": 5, "maxReplicas": 4}}
+    assert _cel_errors(schema, {**WORKER_GROUP, "spec": spec}) == [
+        "autoscaling.minReplicas must not exceed maxReplicas"]
+    spec["autoscaling"]["minReplicas"] = 0
+    assert _cel_errors(schema, {**WORKER_GROUP, "spec": spec}) == []
+    assert _cel_errors(schema, WORKER_GROUP) == []

@@ -58,7 +58,10 @@ KINDS = [
         {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
         {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas"},
         {"name": "Queued", "type": "integer", "jsonPath": ".status.queuedJobs"}, AGE,
-    ], scale=True),
+    ], rules={"spec": [{"rule": "!has(self.autoscaling) || "
+                                "self.autoscaling.minReplicas <= self.autoscaling.maxReplicas",
+                        "message": "autoscaling.minReplicas must not exceed maxReplicas"}]},
+        scale=True),
 ]
 
 

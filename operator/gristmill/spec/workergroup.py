@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gristmill.spec.autoscaling import Autoscaling
 from gristmill.spec.meta import ObjectMeta
 from gristmill.spec.script import EnvVar
 
@@ -22,6 +23,8 @@ class WorkerGroupSpec(BaseModel):
                        description="The worker image.")
     concurrency: int = Field(4, ge=1, le=1000, description="Jobs one worker runs at once.")
     replicas: int = Field(1, ge=0, le=10000, description="Workers, when not autoscaled.")
+    autoscaling: Autoscaling | None = Field(None, description="Size the group to the queued "
+                                                              "and running jobs of its tags.")
     resources: dict[str, Any] = Field(default_factory=dict,
                                       description="Kubernetes resource requests and limits of a "
                                                   "worker container.")

@@ -125,7 +125,8 @@ def test_operator_rbac_is_valid_and_covers_what_the_handlers_touch(version):
     needed = {("gristmill.io", plural, verb) for plural in ("scripts", "flows", "workergroups")
               for verb in ("list", "watch", "patch")}
     needed |= {("apps", "deployments", verb) for verb in ("get", "create", "patch")}
-    needed |= {("", "events", "create"), ("apps", "deployments/status", "get")}
+    needed |= {("", "events", "create"), ("apps", "deployments/status", "get"),
+               ("", "pods", "list"), ("", "pods", "patch")}
     assert needed <= granted
     assert not any(verb in ("*", "delete", "escalate", "bind") for *_, verb in granted)
 

@@ -47,7 +47,8 @@ async def emulated_cluster(database_url: str, tmp_path):
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "me"}}],
         }))
         env = {"KUBECONFIG": str(kubeconfig), "GRISTMILL_DATABASE_URL": database_url,
-               "GRISTMILL_RECHECK_INTERVAL": "1", "GRISTMILL_TEST_KUBE_URL": url}
+               "GRISTMILL_RECHECK_INTERVAL": "1", "GRISTMILL_AUTOSCALE_INTERVAL": "1",
+               "GRISTMILL_TEST_KUBE_URL": url}
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
         try:
@@ -68,6 +69,9 @@ async def running_operator():
     stop = asyncio.Event()
     task = asyncio.create_task(kopf.operator(
         clusterwide=True, standalone=True, stop_flag=stop, settings=_settings(kopf)))
+    # Let kopf list and start watching first: kmock 0.8 replays an object created during
+    # the initial listing as a second, stale ADDED event, and kopf then waits on a 422.
+    await asyncio.sleep(2)
     try:
         yield
     finally:
@@ -153,3 +157,50 @@ async def test_scripts_flows_and_worker_groups_reconciled(database_url, tmp_path
         assert owner["uid"] == created["metadata"]["uid"] and owner["kind"] == "WorkerGroup"
         events = await get(session, "api/v1/namespaces/team-a/events")
         assert any(e.get("reason") == "Stored" for e in events.get("items", []))
+
+
+@pytest.mark.timeout(90)
+async def test_autoscaler_follows_the_queue_and_spares_busy_workers(db, database_url, tmp_path):
+    from gristmill.store import queue, workers
+
+    async with emulated_cluster(database_url, tmp_path) as session, running_operator():
+        group = manifest("WorkerGroup", "auto", {
+            "tags": ["python"], "concurrency": 2,
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 10, "behavior": {
+                "scaleDown": {"stabilizationWindow": "0s",
+                              "policies": [{"type": "Percent", "value": 100}]}}}})
+        await session.post(f"{GROUP}/workergroups", json=group)
+        deployment_path = "apis/apps/v1/namespaces/team-a/deployments/gristmill-workers-auto"
+
+        async def replicas(expected):
+            obj = await get(session, deployment_path)
+            return obj if obj.get("spec", {}).get("replicas") == expected else None
+        await wait_for(lambda: replicas(1))
+
+        # Ten due jobs for two-slot workers: five workers, within a loop or two.
+        await queue.enqueue(db, [queue.NewJob(namespace="team-a", tag="python", kind="noop")
+                                 for _ in range(10)])
+        await wait_for(lambda: replicas(5))
+        status = (await get(session, f"{GROUP}/workergroups/auto"))["status"]
+        assert status["desiredReplicas"] == 5 and status["queuedJobs"] == 10
+        scaled = next(c for c in status["conditions"] if c["type"] == "Scaled")
+        assert scaled["reason"] == "ScaledUp" and "1 -> 5" in scaled["message"]
+
+        # Two worker pods, one busy: when the queue empties, the idle one is marked cheap.
+        for pod in ("auto-busy", "auto-idle"):
+            await session.post("api/v1/namespaces/team-a/pods", json={
+                "apiVersion": "v1", "kind": "Pod", "metadata": {
+                    "name": pod, "namespace": "team-a",
+                    "labels": {"gristmill.io/worker-group": "auto"}}})
+            await workers.register(db, pod, ["python"], 2, hostname=pod)
+        async with db.transaction():
+            busy = await queue.claim(db, "auto-busy", ["python"], 1)
+        await db.execute("DELETE FROM jobs WHERE status = 'queued'")
+        await wait_for(lambda: replicas(1))
+        costs = {}
+        for pod in ("auto-busy", "auto-idle"):
+            annotations = (await get(session, f"api/v1/namespaces/team-a/pods/{pod}")
+                           )["metadata"].get("annotations", {})
+            costs[pod] = annotations.get("controller.kubernetes.io/pod-deletion-cost")
+        assert costs == {"auto-busy": "100", "auto-idle": "0"}
+        assert len(busy) == 1

@@ -231,13 +231,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
+    _database_url(args)  # fail early, in one line
+    if args.database_url:
+        os.environ["GRISTMILL_DATABASE_URL"] = args.database_url
+    os.environ["GRISTMILL_METRICS_PORT"] = str(args.metrics_port)
+    os.environ["GRISTMILL_AUTOSCALE_INTERVAL"] = str(args.autoscale_interval)
     import kopf
 
     import gristmill.operator.handlers  # noqa: F401  (registers the handlers)
 
-    _database_url(args)  # fail early, in one line
-    if args.database_url:
-        os.environ["GRISTMILL_DATABASE_URL"] = args.database_url
     namespaces = args.namespace or []
     kopf.run(clusterwide=not namespaces, namespaces=namespaces, standalone=True,
              liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz")
@@ -367,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", action="append",
                    help="watch only this namespace (repeatable; default: all)")
     p.add_argument("--health-port", type=int, default=8081, help="liveness probe port")
+    p.add_argument("--metrics-port", type=int, default=9090,
+                   help="Prometheus /metrics port (0: none)")
+    p.add_argument("--autoscale-interval", type=float, default=5.0,
+                   help="seconds between autoscaling decisions (%(default)s)")
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("crds", help="print (or write) the CustomResourceDefinitions")

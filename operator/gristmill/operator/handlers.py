@@ -10,22 +10,28 @@ drain on SIGTERM); no finalizer is needed there.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 from typing import Any
 
 import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from prometheus_client import start_http_server
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
-from gristmill.operator import reconcile
+from gristmill.operator import metrics, reconcile
+from gristmill.operator.autoscaler import Autoscaler, deletion_costs
 from gristmill.operator.deployment import LABEL_GROUP, deployment_name, worker_deployment
 from gristmill.spec import WorkerGroup
 
 GROUP, VERSION = "gristmill.io", "v1alpha1"
 DATABASE_SECRET = os.environ.get("GRISTMILL_DATABASE_SECRET", "gristmill-database")
 RECHECK_S = float(os.environ.get("GRISTMILL_RECHECK_INTERVAL", "10"))
+AUTOSCALE_S = float(os.environ.get("GRISTMILL_AUTOSCALE_INTERVAL", "5"))
+METRICS_PORT = int(os.environ.get("GRISTMILL_METRICS_PORT", "0"))  # 0: no /metrics server
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
 @kopf.on.startup()
@@ -37,6 +43,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False,
                                     kwargs={"autocommit": True})
     await memo.pool.open(wait=True, timeout=60)
+    memo.autoscaler = Autoscaler(period_s=AUTOSCALE_S)
+    if METRICS_PORT:
+        start_http_server(METRICS_PORT)
     try:
         config.load_incluster_config()
     except config.ConfigException:
@@ -103,7 +112,7 @@ async def definition_deleted(body: kopf.Body, namespace: str, name: str, memo: k
 
 # ---- WorkerGroups ------------------------------------------------------------------------------
 
-def _apply_deployment(deployment: dict[str, Any]) -> dict[str, Any]:
+def _apply_deployment(deployment: dict[str, Any], autoscaled: bool) -> dict[str, Any]:
     apps = client.AppsV1Api()
     namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
     try:
@@ -112,6 +121,8 @@ def _apply_deployment(deployment: dict[str, Any]) -> dict[str, Any]:
         if exc.status != 404:
             raise
         return apps.create_namespaced_deployment(namespace, deployment).to_dict()
+    if autoscaled:  # the autoscaler owns replicas now; a spec change must not reset them
+        deployment["spec"].pop("replicas", None)
     return apps.patch_namespaced_deployment(name, namespace, deployment).to_dict()
 
 
@@ -130,13 +141,15 @@ async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
                                                                 generation, previous)]
         kopf.warn(body, reason="Invalid", message=message)
         return
-    deployment = worker_deployment(group, DATABASE_SECRET)
+    autoscaled = group.spec.autoscaling is not None and group.spec.autoscaling.enabled
+    start = group.spec.autoscaling.minReplicas if autoscaled else None
+    deployment = worker_deployment(group, DATABASE_SECRET, replicas=start)
     kopf.adopt(deployment, owner=body)
-    await asyncio.to_thread(_apply_deployment, deployment)
+    await asyncio.to_thread(_apply_deployment, deployment, autoscaled)
     patch.status.update({
         "selector": f"app.kubernetes.io/name=gristmill-worker,{LABEL_GROUP}={name}",
         "deployment": deployment_name(name),
-        "desiredReplicas": group.spec.replicas,
+        "desiredReplicas": start if autoscaled else group.spec.replicas,
         "observedGeneration": generation,
         "conditions": [reconcile.ready_condition(True, "DeploymentApplied",
                                                  f"Deployment {deployment_name(name)} applied",
@@ -159,3 +172,68 @@ async def worker_group_status(body: kopf.Body, patch: kopf.Patch, namespace: str
     status = deployment.status
     patch.status["replicas"] = status.replicas or 0
     patch.status["readyReplicas"] = status.ready_replicas or 0
+
+
+def _autoscaled(spec: kopf.Spec, **_: Any) -> bool:
+    autoscaling = spec.get("autoscaling")
+    return bool(autoscaling) and autoscaling.get("enabled", True)
+
+
+def _mark_deletion_costs(namespace: str, name: str, costs: dict[str, int]) -> None:
+    core = client.CoreV1Api()
+    for pod, running_jobs in costs.items():
+        core.patch_namespaced_pod(pod, namespace, {"metadata": {"annotations": {
+            DELETION_COST: str(running_jobs * 100)}}})
+
+
+def _scale(namespace: str, name: str, replicas: int) -> None:
+    client.AppsV1Api().patch_namespaced_deployment(
+        deployment_name(name), namespace, {"spec": {"replicas": replicas}})
+
+
+@kopf.timer(GROUP, VERSION, "workergroups", interval=AUTOSCALE_S, when=_autoscaled)
+async def autoscale(body: kopf.Body, patch: kopf.Patch, namespace: str, name: str,
+                    memo: kopf.Memo, **_: Any) -> None:
+    """Size the group's Deployment to the queued and running jobs of its tags."""
+    try:
+        group = WorkerGroup.model_validate(reconcile.manifest(dict(body)))
+    except ValidationError:
+        return  # reported by worker_group_changed
+    try:
+        deployment = await asyncio.to_thread(client.AppsV1Api().read_namespaced_deployment,
+                                             deployment_name(name), namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return
+        raise
+    current = deployment.spec.replicas or 0
+    async with memo.pool.connection() as conn:
+        decision, demand = await memo.autoscaler.decide_for(conn, f"{namespace}/{name}",
+                                                            group, current)
+        if decision.replicas < current:
+            # Idle workers go first: the ReplicaSet deletes the lowest cost pods.
+            pods = await asyncio.to_thread(
+                client.CoreV1Api().list_namespaced_pod, namespace,
+                label_selector=f"{LABEL_GROUP}={name}")
+            costs = await deletion_costs(conn, [p.metadata.name for p in pods.items])
+            await asyncio.to_thread(_mark_deletion_costs, namespace, name, costs)
+    metrics.observe_group(namespace, name, decision.replicas, current)
+    patch.status.update({"desiredReplicas": decision.replicas, "queuedJobs": demand.queued,
+                         "runningJobs": demand.running})
+    if decision.replicas != current:
+        await asyncio.to_thread(_scale, namespace, name, decision.replicas)
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        patch.status["lastScaleTime"] = now
+        scaled = {"type": "Scaled", "status": "True", "reason": decision.reason,
+                  "message": f"{current} -> {decision.replicas}: {decision.message}",
+                  "lastTransitionTime": now}
+        others = [c for c in (body.get("status") or {}).get("conditions") or []
+                  if c.get("type") != "Scaled"]
+        patch.status["conditions"] = [*others, scaled]
+        kopf.info(body, reason=decision.reason,
+                  message=f"{current} -> {decision.replicas} workers: {decision.message}")
+
+
+@kopf.on.delete(GROUP, VERSION, "workergroups", optional=True)
+async def worker_group_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.autoscaler.forget(f"{namespace}/{name}")

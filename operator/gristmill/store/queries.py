@@ -196,6 +196,14 @@ WHERE j.worker_id = %(worker)s AND j.status = 'running' AND j.cancel_requested
 
 DEREGISTER_WORKER = "DELETE FROM workers WHERE id = %s"
 
+# Running jobs per worker host (in Kubernetes, the pod name), for pod-deletion-cost.
+RUNNING_JOBS_BY_HOST = """
+SELECT w.hostname, count(j.id) FROM workers w
+LEFT JOIN jobs j ON j.worker_id = w.id AND j.status = 'running'
+WHERE w.hostname = ANY (%s)
+GROUP BY w.hostname
+"""
+
 FORGET_DEAD_WORKERS = """
 DELETE FROM workers w WHERE w.heartbeat_at < now() - %s
 AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.worker_id = w.id)

@@ -14,11 +14,13 @@ from gristmill.store import queries
 
 
 async def register(
-    conn: psycopg.AsyncConnection, worker_id: str, tags: Sequence[str], concurrency: int
+    conn: psycopg.AsyncConnection, worker_id: str, tags: Sequence[str], concurrency: int,
+    hostname: str | None = None,
 ) -> None:
+    """Record a worker; its hostname is its pod's name in Kubernetes (for deletion costs)."""
     await conn.execute(
         queries.REGISTER_WORKER,
-        [worker_id, socket.gethostname(), os.getpid(), list(tags), concurrency],
+        [worker_id, hostname or socket.gethostname(), os.getpid(), list(tags), concurrency],
     )
 
 
@@ -34,3 +36,9 @@ async def deregister(conn: psycopg.AsyncConnection, worker_id: str) -> None:
 
 async def forget_dead(conn: psycopg.AsyncConnection, older_than: dt.timedelta) -> None:
     await conn.execute(queries.FORGET_DEAD_WORKERS, [older_than])
+
+
+async def running_jobs_by_host(conn: psycopg.AsyncConnection, hosts: Sequence[str]
+                               ) -> dict[str, int]:
+    cur = await conn.execute(queries.RUNNING_JOBS_BY_HOST, [list(hosts)])
+    return {host: count for host, count in await cur.fetchall()}

@@ -168,6 +168,13 @@ def test_cancel_a_running_script(dev):
     assert again.returncode == 1 and "already ended (cancelled)" in again.stderr
 
 
+def test_metrics_report_the_queue(dev):
+    with urllib.request.urlopen(f"{dev['server']}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert "# TYPE gristmill_queue_jobs gauge" in text
+    assert "gristmill_queue_oldest_job_age_seconds" in text
+
+
 def test_ctrl_c_stops_cleanly_and_the_data_dir_is_reusable(dev):
     process = dev["process"]
     process.send_signal(signal.SIGINT)

@@ -22,13 +22,14 @@ from typing import Any
 
 import psycopg
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
 from gristmill.api import runs
 from gristmill.api.runs import RunError, get_run, parse_run_id
 from gristmill.flows import engine as flow_engine
 from gristmill.flows.engine import FlowError
+from gristmill.metrics import observe_queue
 from gristmill.store import flows as flow_store
 from gristmill.store import logs, queue
 from gristmill.store import scripts as script_store
@@ -198,18 +199,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = CollectorRegistry()
-    queued = Gauge("gristmill_queue_jobs", "Jobs due and waiting, by tag", ["tag"],
-                   registry=registry)
-    running = Gauge("gristmill_running_jobs", "Jobs running, by tag", ["tag"], registry=registry)
-    oldest = Gauge("gristmill_queue_oldest_job_age_seconds", "Age of the oldest due job, by tag",
-                   ["tag"], registry=registry)
     async with request.app[POOL].connection() as conn:
-        for tag, depth in (await queue.queue_depth(conn)).items():
-            queued.labels(tag).set(depth["queued"])
-            running.labels(tag).set(depth["running"])
-            oldest.labels(tag).set(depth["oldest_queued_s"])
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        observe_queue(await queue.queue_depth(conn))
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def create_app(database_url: str, pool_size: int = 8) -> web.Application:

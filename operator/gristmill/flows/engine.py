@@ -370,10 +370,11 @@ class RunEngine:
 
     # ---- the run as a whole ------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, from_step: str | None = None) -> None:
+        """Arm the flow's timeout and start at the first step (or `from_step`, a restart)."""
         if self.plan.spec.timeout:
             self._timer(parse_duration(self.plan.spec.timeout), "flow_timeout", None)
-        self.later(self.start_step, self.plan.top_level()[0], ())
+        self.later(self.start_step, from_step or self.plan.top_level()[0], ())
 
     async def finish(self, status: str, result: Any = None,
                      error: dict[str, Any] | None = None) -> None:
@@ -388,7 +389,7 @@ class RunEngine:
 
     async def _cancel_active_jobs(self) -> None:
         self.effects.cancel_jobs.extend(
-            await queue.active_jobs_of_flow_runs(self.conn, [self.run.id]))
+            job_id for job_id, _ in await queue.active_jobs_of_flow_run(self.conn, self.run.id))
         self.effects.jobs[:] = [j for j in self.effects.jobs if j.flow_run_id != self.run.id]
 
     async def _cancel_inside(self, container: str, indices: Indices) -> None:
@@ -404,7 +405,7 @@ class RunEngine:
         effects = self.effects
         effects.jobs[:] = [j for j in effects.jobs
                            if not (j.flow_run_id == self.run.id and within(j.step_path))]
-        for job_id, path in await queue.active_job_paths_of_flow_run(self.conn, self.run.id):
+        for job_id, path in await queue.active_jobs_of_flow_run(self.conn, self.run.id):
             if within(path):
                 effects.cancel_jobs.append(job_id)
 
@@ -682,8 +683,6 @@ async def restart_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID, from_ste
     await flow_store.insert_run(conn, run)
     await flow_store.copy_steps(conn, run.id, old.id, earlier)
     engine = RunEngine(conn, run, plan)
-    if plan.spec.timeout:
-        engine._timer(parse_duration(plan.spec.timeout), "flow_timeout", None)
-    engine.later(engine.start_step, from_step, ())
+    await engine.start(from_step)
     await _flush(engine)
     return run

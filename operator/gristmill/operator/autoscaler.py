@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from gristmill.operator import metrics
+from gristmill.metrics import observe_queue
 from gristmill.operator.scaling import (
     Decision,
     Demand,
@@ -39,7 +39,7 @@ class Autoscaler:
             self._depth = {tag: Demand(int(d["queued"]), int(d["running"]))
                            for tag, d in raw.items()}
             self._read_at = time.monotonic()
-            metrics.observe_queue(raw)
+            observe_queue(raw)
         return self._depth
 
     async def decide_for(self, conn: psycopg.AsyncConnection, key: str, group: WorkerGroup,

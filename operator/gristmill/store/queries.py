@@ -151,11 +151,7 @@ UPDATE jobs SET cancel_requested = true
 WHERE id = ANY (%s) AND status = 'running' AND NOT cancel_requested RETURNING id
 """
 
-ACTIVE_JOBS_OF_FLOW_RUNS = """
-SELECT id FROM jobs WHERE flow_run_id = ANY (%s)
-"""
-
-ACTIVE_JOB_PATHS_OF_FLOW_RUN = "SELECT id, step_path FROM jobs WHERE flow_run_id = %s"
+ACTIVE_JOBS_OF_FLOW_RUN = "SELECT id, step_path FROM jobs WHERE flow_run_id = %s"
 
 GET_ACTIVE_JOB = """
 SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input,

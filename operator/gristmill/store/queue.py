@@ -226,18 +226,12 @@ async def cancel(
     return Cancellation(ended, signalled)
 
 
-async def active_job_paths_of_flow_run(
+async def active_jobs_of_flow_run(
     conn: psycopg.AsyncConnection, run_id: uuid.UUID
 ) -> list[tuple[uuid.UUID, str | None]]:
-    cur = await conn.execute(queries.ACTIVE_JOB_PATHS_OF_FLOW_RUN, [run_id])
+    """(job id, step path) of the run's queued and running jobs (timers have no path)."""
+    cur = await conn.execute(queries.ACTIVE_JOBS_OF_FLOW_RUN, [run_id])
     return list(await cur.fetchall())
-
-
-async def active_jobs_of_flow_runs(
-    conn: psycopg.AsyncConnection, run_ids: Sequence[uuid.UUID]
-) -> list[uuid.UUID]:
-    cur = await conn.execute(queries.ACTIVE_JOBS_OF_FLOW_RUNS, [list(run_ids)])
-    return [row[0] for row in await cur.fetchall()]
 
 
 async def get_job(conn: psycopg.AsyncConnection, job_id: uuid.UUID) -> dict[str, Any] | None:

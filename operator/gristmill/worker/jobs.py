@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
+from gristmill.flows import catalog
 from gristmill.sandbox.base import JobRequest, Limits
 from gristmill.spec import ScriptSpec, apply_defaults, parse_cpu, parse_duration, parse_memory
 from gristmill.worker.retry import backoff_delay
@@ -42,8 +43,10 @@ class JobPlan:
                              parse_duration(backoff.maxDelay))
 
 
-def plan_job(stored_spec: dict[str, Any]) -> JobPlan:
-    spec = ScriptSpec.model_validate(stored_spec)
+def plan_job(version: str, stored_spec: dict[str, Any]) -> JobPlan:
+    # The same parsed version the flow engine uses: one validation per process.
+    script = catalog.script_version(version, stored_spec)
+    spec = script.spec
     resources = spec.resources
     limits = Limits(
         timeout_s=parse_duration(spec.timeout),
@@ -54,4 +57,4 @@ def plan_job(stored_spec: dict[str, Any]) -> JobPlan:
         max_file_bytes=parse_memory(resources.maxFileSize),
     )
     env = {var.name: var.value for var in spec.env}
-    return JobPlan(spec=spec, input_schema=spec.input_schema(), limits=limits, env=env)
+    return JobPlan(spec=spec, input_schema=script.input_schema, limits=limits, env=env)

@@ -173,7 +173,7 @@ class Worker:
         if missing:
             specs = await script_store.get_versions(self._claim_conn, sorted(missing))
             for version, spec in specs.items():
-                self._plans[version] = plan_job(spec)
+                self._plans[version] = plan_job(version, spec)
         return claimed
 
     def _start(self, job: queue.ClaimedJob) -> None:

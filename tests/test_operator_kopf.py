@@ -52,7 +52,9 @@ async def emulated_cluster(database_url: str, tmp_path):
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
         try:
-            async with aiohttp.ClientSession(base_url=url + "/") as session:
+            # A connection per request: a kept-alive one can hang once kopf's streams close.
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(base_url=url + "/", connector=connector) as session:
                 yield session
         finally:
             for key, value in saved.items():
@@ -204,3 +206,43 @@ async def test_autoscaler_follows_the_queue_and_spares_busy_workers(db, database
             costs[pod] = annotations.get("controller.kubernetes.io/pod-deletion-cost")
         assert costs == {"auto-busy": "100", "auto-idle": "0"}
         assert len(busy) == 1
+
+
+@pytest.mark.timeout(120)
+async def test_a_restarted_operator_duplicates_nothing(db, database_url, tmp_path):
+    async with emulated_cluster(database_url, tmp_path) as session:
+        async with running_operator():
+            await session.post(f"{GROUP}/scripts", json=manifest(
+                "Script", "hello", {"language": "python", "code": "def main():\n    return 1\n"}))
+            await session.post(f"{GROUP}/flows", json=manifest(
+                "Flow", "pipeline", {"steps": [{"id": "a", "script": "hello"}]}))
+            await session.post(f"{GROUP}/workergroups", json=manifest(
+                "WorkerGroup", "default", {"tags": ["python"], "replicas": 2}))
+
+            async def all_ready():
+                script = await get(session, f"{GROUP}/scripts/hello")
+                flow = await get(session, f"{GROUP}/flows/pipeline")
+                group = await get(session, f"{GROUP}/workergroups/default")
+                return ready_of(script) == ready_of(flow) == "True" and ready_of(group)
+            await wait_for(all_ready)
+            await asyncio.sleep(1)  # let the last status patches land
+
+        async def snapshot():
+            objects = {path: await get(session, path) for path in (
+                f"{GROUP}/scripts/hello", f"{GROUP}/flows/pipeline",
+                f"{GROUP}/workergroups/default",
+                "apis/apps/v1/namespaces/team-a/deployments/gristmill-workers-default")}
+            events = (await get(session, "api/v1/namespaces/team-a/events"))["items"]
+            deployments = (await get(session, "apis/apps/v1/deployments"))["items"]
+            stored = await (await db.execute(
+                "SELECT (SELECT count(*) FROM scripts), (SELECT count(*) FROM flow_versions),"
+                " (SELECT count(*) FROM flows)")).fetchone()
+            return ({path: (obj["spec"], obj.get("status"), obj["metadata"].get("finalizers"))
+                     for path, obj in objects.items()},
+                    sorted(e["reason"] for e in events), len(deployments), stored)
+        before = await snapshot()
+
+        async with running_operator():
+            await asyncio.sleep(3)  # a full re-listing and a recheck or two
+            after = await snapshot()
+        assert after == before

@@ -169,9 +169,9 @@ async def worker_group_status(body: kopf.Body, patch: kopf.Patch, namespace: str
         if exc.status == 404:
             return
         raise
-    status = deployment.status
-    patch.status["replicas"] = status.replicas or 0
-    patch.status["readyReplicas"] = status.ready_replicas or 0
+    status = deployment.status  # None until the Deployment controller first reports
+    patch.status["replicas"] = (status and status.replicas) or 0
+    patch.status["readyReplicas"] = (status and status.ready_replicas) or 0
 
 
 def _autoscaled(spec: kopf.Spec, **_: Any) -> bool:

@@ -9,16 +9,22 @@ references, validation against the CRD schema, RBAC, server-side apply.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
+import os
 import uuid
 
+import aiohttp
 import attrs
 import jsonpatch
 import kmock
+import yaml
+from k8s_kubelet import ProcessKubelet
 from kmock._internal import enums
 
 _versions = itertools.count(1000)
+VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 
 
 @attrs.define
@@ -68,3 +74,52 @@ class Emulator(kmock.KubernetesEmulator):
                 if spec_changed and request.subresource is None:
                     request.data.append({"op": "add", "path": "/metadata/generation",
                                          "value": generation + 1})
+
+
+@attrs.define
+class Cluster:
+    session: aiohttp.ClientSession  # to the emulator, base URL set
+    kubelet: ProcessKubelet | None
+
+
+@contextlib.asynccontextmanager
+async def emulated_cluster(database_url: str, tmp_path, kubelet_namespace: str | None = None):
+    """The emulator with Gristmill's resources, and the environment pointing at it; with a
+    namespace, a kubelet runs that namespace's job pods as local processes."""
+    async with Emulator() as emulator, kmock.Server(emulator) as server:
+        emulator.resources.load_bundled()
+        for plural, kind in (("scripts", "Script"), ("flows", "Flow"),
+                             ("workergroups", "WorkerGroup")):
+            emulator.resources[f"gristmill.io/v1alpha1/{plural}"] = kmock.ResourceInfo(
+                kind=kind, namespaced=True, singular=kind.lower(), verbs=VERBS,
+                subresources={"status"})
+        url = str(server.url).rstrip("/")
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+            "users": [{"name": "me", "user": {}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "me"}}],
+        }))
+        env = {"KUBECONFIG": str(kubeconfig), "GRISTMILL_DATABASE_URL": database_url,
+               "GRISTMILL_RECHECK_INTERVAL": "1", "GRISTMILL_AUTOSCALE_INTERVAL": "1",
+               "GRISTMILL_TEST_KUBE_URL": url}
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            # A connection per request: a kept-alive one can hang once kopf's streams close.
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with contextlib.AsyncExitStack() as stack:
+                session = await stack.enter_async_context(aiohttp.ClientSession(
+                    base_url=url + "/", connector=connector))
+                kubelet = None
+                if kubelet_namespace:
+                    kubelet = await stack.enter_async_context(
+                        ProcessKubelet(emulator, url, kubelet_namespace))
+                yield Cluster(session, kubelet)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

@@ -119,16 +119,31 @@ def test_operator_rbac_is_valid_and_covers_what_the_handlers_touch(version):
     documents = list(yaml.safe_load_all((ROOT / "charts/gristmill/files/rbac.yaml").read_text()))
     for document in documents:
         k8s_validate(document, version, strict=True)
-    (role,) = [d for d in documents if d["kind"] == "ClusterRole"]
-    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
-               for resource in rule["resources"] for verb in rule["verbs"]}
+    roles = {d["metadata"]["name"]: d for d in documents if d["kind"] == "ClusterRole"}
+
+    def granted_by(name):
+        return {(group, resource, verb) for rule in roles[name]["rules"]
+                for group in rule["apiGroups"] for resource in rule["resources"]
+                for verb in rule["verbs"]}
+    granted = granted_by("gristmill-operator")
     needed = {("gristmill.io", plural, verb) for plural in ("scripts", "flows", "workergroups")
               for verb in ("list", "watch", "patch")}
     needed |= {("apps", "deployments", verb) for verb in ("get", "create", "patch")}
     needed |= {("", "events", "create"), ("apps", "deployments/status", "get"),
                ("", "pods", "list"), ("", "pods", "patch")}
+    needed |= {(group, resource, verb) for group, resource in (
+        ("", "serviceaccounts"), ("rbac.authorization.k8s.io", "rolebindings"),
+        ("networking.k8s.io", "networkpolicies")) for verb in ("get", "create", "patch")}
     assert needed <= granted
-    assert not any(verb in ("*", "delete", "escalate", "bind") for *_, verb in granted)
+    assert not any(verb in ("*", "delete", "escalate") for *_, verb in granted)
+    # It may bind the job runners' role, by name, and nothing else; it never runs pods.
+    (bind,) = [r for r in roles["gristmill-operator"]["rules"] if "bind" in r["verbs"]]
+    assert bind["resourceNames"] == ["gristmill-job-runner"] and bind["verbs"] == ["bind"]
+    assert ("", "pods", "create") not in granted
+    # What the pod executor calls, in the namespace it is bound in.
+    runner = granted_by("gristmill-job-runner")
+    assert runner == {("", "pods", verb) for verb in ("get", "list", "watch", "create", "delete")
+                      } | {("", "pods/log", "get")}
 
 
 def test_cel_rule_min_not_above_max():

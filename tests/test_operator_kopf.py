@@ -6,15 +6,11 @@ import asyncio
 import contextlib
 import os
 
-import aiohttp
-import kmock
 import kopf
 import pytest
-import yaml
-from k8s_emulator import Emulator
+from k8s_emulator import emulated_cluster
 
 GROUP = "apis/gristmill.io/v1alpha1/namespaces/team-a"
-VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 
 
 @kopf.on.login()
@@ -26,42 +22,6 @@ def _login_to_the_emulator(**_):
 def manifest(kind: str, name: str, spec: dict) -> dict:
     return {"apiVersion": "gristmill.io/v1alpha1", "kind": kind,
             "metadata": {"name": name, "namespace": "team-a"}, "spec": spec}
-
-
-@contextlib.asynccontextmanager
-async def emulated_cluster(database_url: str, tmp_path):
-    """The emulator with Gristmill's resources, and the environment pointing at it."""
-    async with Emulator() as emulator, kmock.Server(emulator) as server:
-        emulator.resources.load_bundled()
-        for plural, kind in (("scripts", "Script"), ("flows", "Flow"),
-                             ("workergroups", "WorkerGroup")):
-            emulator.resources[f"gristmill.io/v1alpha1/{plural}"] = kmock.ResourceInfo(
-                kind=kind, namespaced=True, singular=kind.lower(), verbs=VERBS,
-                subresources={"status"})
-        url = str(server.url).rstrip("/")
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": url}}],
-            "users": [{"name": "me", "user": {}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "me"}}],
-        }))
-        env = {"KUBECONFIG": str(kubeconfig), "GRISTMILL_DATABASE_URL": database_url,
-               "GRISTMILL_RECHECK_INTERVAL": "1", "GRISTMILL_AUTOSCALE_INTERVAL": "1",
-               "GRISTMILL_TEST_KUBE_URL": url}
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        try:
-            # A connection per request: a kept-alive one can hang once kopf's streams close.
-            connector = aiohttp.TCPConnector(force_close=True)
-            async with aiohttp.ClientSession(base_url=url + "/", connector=connector) as session:
-                yield session
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 @contextlib.asynccontextmanager
@@ -111,7 +71,8 @@ def ready_of(obj: dict) -> str | None:
 
 @pytest.mark.timeout(90)
 async def test_scripts_flows_and_worker_groups_reconciled(database_url, tmp_path):
-    async with emulated_cluster(database_url, tmp_path) as session, running_operator():
+    async with emulated_cluster(database_url, tmp_path) as cluster, running_operator():
+        session = cluster.session
         # A Flow that needs a Script that does not exist yet: not Ready, and says why.
         flow = manifest("Flow", "pipeline", {"steps": [{"id": "a", "script": "hello"}]})
         await session.post(f"{GROUP}/flows", json=flow)
@@ -165,7 +126,8 @@ async def test_scripts_flows_and_worker_groups_reconciled(database_url, tmp_path
 async def test_autoscaler_follows_the_queue_and_spares_busy_workers(db, database_url, tmp_path):
     from gristmill.store import queue, workers
 
-    async with emulated_cluster(database_url, tmp_path) as session, running_operator():
+    async with emulated_cluster(database_url, tmp_path) as cluster, running_operator():
+        session = cluster.session
         group = manifest("WorkerGroup", "auto", {
             "tags": ["python"], "concurrency": 2,
             "autoscaling": {"minReplicas": 1, "maxReplicas": 10, "behavior": {
@@ -210,7 +172,8 @@ async def test_autoscaler_follows_the_queue_and_spares_busy_workers(db, database
 
 @pytest.mark.timeout(120)
 async def test_a_restarted_operator_duplicates_nothing(db, database_url, tmp_path):
-    async with emulated_cluster(database_url, tmp_path) as session:
+    async with emulated_cluster(database_url, tmp_path) as cluster:
+        session = cluster.session
         async with running_operator():
             await session.post(f"{GROUP}/scripts", json=manifest(
                 "Script", "hello", {"language": "python", "code": "def main():\n    return 1\n"}))

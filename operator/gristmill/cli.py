@@ -182,7 +182,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from gristmill.worker.loop import Worker, WorkerConfig
 
     url = _database_url(args)
-    process.check_sandbox_available()
+    pods = None
+    if args.executor == "pod":
+        from gristmill.sandbox.pod import PodExecutor
+        pods = PodExecutor.from_environment(args.job_image)
+    else:
+        process.check_sandbox_available()
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
     if not tags:
         raise UsageError("--tags needs at least one tag, e.g. --tags python,bash")
@@ -192,7 +197,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> None:
         await migrate_url(url)
-        await Worker(config, process.ProcessExecutor()).run(stop)
+        await Worker(config, pods or process.ProcessExecutor()).run(stop)
 
     return _run_until_signalled(main)
 
@@ -352,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to finish running jobs on SIGTERM before handing them back")
     p.add_argument("--poll-interval", type=float, default=1.0,
                    help="seconds between claims when no notification arrives")
+    p.add_argument("--executor", choices=["process", "pod"], default="process",
+                   help="process: a sandboxed process here; pod: a Kubernetes pod per job")
+    p.add_argument("--job-image", help="pod executor: the job pods' image "
+                                       "(env GRISTMILL_JOB_IMAGE)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("api", help="serve the HTTP API")

@@ -4,57 +4,89 @@ from __future__ import annotations
 
 from typing import Any
 
+from gristmill import labels
 from gristmill.spec import WorkerGroup
-
-LABEL_GROUP = "gristmill.io/worker-group"
 
 
 def deployment_name(group_name: str) -> str:
     return f"gristmill-workers-{group_name}"[:63].rstrip("-")
 
 
+def job_runner_name(group_name: str) -> str:
+    """The service account (and its RoleBinding) of a pod-executor group's workers."""
+    return deployment_name(group_name)
+
+
 def selector_labels(group_name: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "gristmill-worker", LABEL_GROUP: group_name}
+    return {labels.NAME: "gristmill-worker", labels.WORKER_GROUP: group_name}
+
+
+def selector(group_name: str) -> str:
+    """The workers' label selector, as kubectl and the scale subresource write it."""
+    return ",".join(f"{key}={value}" for key, value in selector_labels(group_name).items())
+
+
+def _field(path: str) -> dict[str, Any]:
+    return {"valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+# The process executor needs user namespaces inside the container: the worker runs
+# with an Unconfined seccomp profile and no privilege escalation; every job then
+# drops to a uid of its own with no capabilities (see sandbox/process.py).
+PROCESS_WORKER_SECURITY = {"allowPrivilegeEscalation": False,
+                           "seccompProfile": {"type": "Unconfined"}}
+# A pod-executor worker only talks to Postgres and the API server: PSS restricted.
+POD_WORKER_SECURITY = {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                       "runAsUser": 65532, "capabilities": {"drop": ["ALL"]},
+                       "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | None = None
                       ) -> dict[str, Any]:
     """The Deployment running `gristmill worker` for the group's tags.
 
-    The database URL comes from a Secret (key `url`), never from the spec. The
-    process executor needs user namespaces inside the container: the pod runs
-    with an Unconfined seccomp profile and no privilege escalation; every job
-    then drops to a uid of its own with no capabilities (see sandbox/process.py).
+    The database URL comes from a Secret (key `url`), never from the spec. A
+    pod-executor worker learns its own pod (the owner of its job pods) and the
+    job image from its environment, and runs as the group's service account.
     """
     spec = group.spec
     name = group.metadata.name
-    labels = selector_labels(name)
+    pod_labels = selector_labels(name)
+    pods = spec.executor == "pod"
     env = [{"name": "GRISTMILL_DATABASE_URL",
             "valueFrom": {"secretKeyRef": {"name": database_secret, "key": "url"}}}]
+    args = ["worker", "--tags", ",".join(spec.tags), "--concurrency", str(spec.concurrency),
+            "--grace-period", str(max(spec.terminationGracePeriodSeconds - 5, 1))]
+    if pods:
+        args += ["--executor", "pod"]
+        env += [{"name": "GRISTMILL_JOB_IMAGE", "value": spec.image},
+                {"name": "GRISTMILL_WORKER_GROUP", "value": name},
+                {"name": "GRISTMILL_POD_NAME", **_field("metadata.name")},
+                {"name": "GRISTMILL_POD_UID", **_field("metadata.uid")},
+                {"name": "GRISTMILL_POD_NAMESPACE", **_field("metadata.namespace")}]
     env += [{"name": var.name, "value": var.value} for var in spec.env]
     container: dict[str, Any] = {
         "name": "worker",
         "image": spec.image,
-        "args": ["worker", "--tags", ",".join(spec.tags), "--concurrency",
-                 str(spec.concurrency), "--grace-period",
-                 str(max(spec.terminationGracePeriodSeconds - 5, 1))],
+        "args": args,
         "env": env,
         "resources": spec.resources,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "seccompProfile": {"type": "Unconfined"},  # bubblewrap needs user namespaces
-        },
+        "securityContext": POD_WORKER_SECURITY if pods else PROCESS_WORKER_SECURITY,
     }
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "terminationGracePeriodSeconds": spec.terminationGracePeriodSeconds,
-        "automountServiceAccountToken": spec.executor == "pod",
+        "automountServiceAccountToken": pods,
     }
+    if pods:
+        pod_spec["securityContext"] = {"runAsNonRoot": True,
+                                       "seccompProfile": {"type": "RuntimeDefault"}}
+        pod_spec["serviceAccountName"] = spec.serviceAccountName or job_runner_name(name)
+    elif spec.serviceAccountName:
+        pod_spec["serviceAccountName"] = spec.serviceAccountName
     for key in ("nodeSelector", "tolerations", "affinity"):
         if getattr(spec, key):
             pod_spec[key] = getattr(spec, key)
-    if spec.serviceAccountName:
-        pod_spec["serviceAccountName"] = spec.serviceAccountName
     if spec.priorityClassName:
         pod_spec["priorityClassName"] = spec.priorityClassName
     return {
@@ -63,14 +95,14 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
         "metadata": {
             "name": deployment_name(name),
             "namespace": group.metadata.namespace,
-            "labels": {**labels, "app.kubernetes.io/part-of": "gristmill",
-                       "app.kubernetes.io/managed-by": "gristmill-operator"},
+            "labels": {**pod_labels, labels.PART_OF: "gristmill",
+                       labels.MANAGED_BY: "gristmill-operator"},
         },
         "spec": {
             "replicas": spec.replicas if replicas is None else replicas,
-            "selector": {"matchLabels": labels},
+            "selector": {"matchLabels": pod_labels},
             "strategy": {"type": "RollingUpdate",
                          "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }

@@ -23,7 +23,8 @@ from pydantic import ValidationError
 
 from gristmill.operator import metrics, reconcile
 from gristmill.operator.autoscaler import Autoscaler, deletion_costs
-from gristmill.operator.deployment import LABEL_GROUP, deployment_name, worker_deployment
+from gristmill.operator.deployment import deployment_name, selector, worker_deployment
+from gristmill.operator.job_runner import job_runner_objects
 from gristmill.spec import WorkerGroup
 
 GROUP, VERSION = "gristmill.io", "v1alpha1"
@@ -112,18 +113,33 @@ async def definition_deleted(body: kopf.Body, namespace: str, name: str, memo: k
 
 # ---- WorkerGroups ------------------------------------------------------------------------------
 
-def _apply_deployment(deployment: dict[str, Any], autoscaled: bool) -> dict[str, Any]:
-    apps = client.AppsV1Api()
-    namespace, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
+def _calls_for(kind: str):
+    """read, create and patch of a namespaced kind the operator owns."""
+    api, suffix = {
+        "Deployment": (client.AppsV1Api, "deployment"),
+        "ServiceAccount": (client.CoreV1Api, "service_account"),
+        "RoleBinding": (client.RbacAuthorizationV1Api, "role_binding"),
+        "NetworkPolicy": (client.NetworkingV1Api, "network_policy"),
+    }[kind]
+    instance = api()
+    return (getattr(instance, f"{verb}_namespaced_{suffix}")
+            for verb in ("read", "create", "patch"))
+
+
+def _apply(obj: dict[str, Any], autoscaled: bool = False) -> None:
+    """Create the object, or patch it back in line with what the operator wants."""
+    read, create, patch = _calls_for(obj["kind"])
+    namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     try:
-        apps.read_namespaced_deployment(name, namespace)
+        read(name, namespace)
     except ApiException as exc:
         if exc.status != 404:
             raise
-        return apps.create_namespaced_deployment(namespace, deployment).to_dict()
+        create(namespace, obj)
+        return
     if autoscaled:  # the autoscaler owns replicas now; a spec change must not reset them
-        deployment["spec"].pop("replicas", None)
-    return apps.patch_namespaced_deployment(name, namespace, deployment).to_dict()
+        obj["spec"].pop("replicas", None)
+    patch(name, namespace, obj)
 
 
 @kopf.on.resume(GROUP, VERSION, "workergroups")
@@ -143,11 +159,14 @@ async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
         return
     autoscaled = group.spec.autoscaling is not None and group.spec.autoscaling.enabled
     start = group.spec.autoscaling.minReplicas if autoscaled else None
+    for owned in job_runner_objects(group):  # first: the workers run as its account
+        kopf.adopt(owned, owner=body)
+        await asyncio.to_thread(_apply, owned)
     deployment = worker_deployment(group, DATABASE_SECRET, replicas=start)
     kopf.adopt(deployment, owner=body)
-    await asyncio.to_thread(_apply_deployment, deployment, autoscaled)
+    await asyncio.to_thread(_apply, deployment, autoscaled)
     patch.status.update({
-        "selector": f"app.kubernetes.io/name=gristmill-worker,{LABEL_GROUP}={name}",
+        "selector": selector(name),
         "deployment": deployment_name(name),
         "desiredReplicas": start if autoscaled else group.spec.replicas,
         "observedGeneration": generation,
@@ -214,7 +233,7 @@ async def autoscale(body: kopf.Body, patch: kopf.Patch, namespace: str, name: st
             # Idle workers go first: the ReplicaSet deletes the lowest cost pods.
             pods = await asyncio.to_thread(
                 client.CoreV1Api().list_namespaced_pod, namespace,
-                label_selector=f"{LABEL_GROUP}={name}")
+                label_selector=selector(name))
             costs = await deletion_costs(conn, [p.metadata.name for p in pods.items])
             await asyncio.to_thread(_mark_deletion_costs, namespace, name, costs)
     metrics.observe_group(namespace, name, decision.replicas, current)

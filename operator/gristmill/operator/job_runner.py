@@ -1,0 +1,55 @@
+"""What a pod-executor WorkerGroup's workers need besides their Deployment (pure functions).
+
+A ServiceAccount for the workers (unless the group names its own), a RoleBinding
+to the `gristmill-job-runner` ClusterRole the chart ships (create, watch and
+delete pods, read their logs: in the group's namespace only), and a
+NetworkPolicy that cuts every job pod whose Script did not ask for the network
+off from it. The operator binds that one ClusterRole by name (RBAC `bind` on
+it), so it never holds the pod permissions it hands out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gristmill import labels
+from gristmill.operator.deployment import job_runner_name
+from gristmill.spec import WorkerGroup
+
+JOB_RUNNER_ROLE = "gristmill-job-runner"
+
+
+def _metadata(group: WorkerGroup, name: str) -> dict[str, Any]:
+    return {"name": name, "namespace": group.metadata.namespace,
+            "labels": {labels.WORKER_GROUP: group.metadata.name, labels.PART_OF: "gristmill",
+                       labels.MANAGED_BY: "gristmill-operator"}}
+
+
+def job_runner_objects(group: WorkerGroup) -> list[dict[str, Any]]:
+    if group.spec.executor != "pod":
+        return []
+    name = job_runner_name(group.metadata.name)
+    account = group.spec.serviceAccountName or name
+    objects: list[dict[str, Any]] = []
+    if not group.spec.serviceAccountName:
+        objects.append({"apiVersion": "v1", "kind": "ServiceAccount",
+                        "metadata": _metadata(group, name)})
+    objects.append({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": _metadata(group, name),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": JOB_RUNNER_ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": account,
+                      "namespace": group.metadata.namespace}],
+    })
+    objects.append({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _metadata(group, f"gristmill-jobs-{group.metadata.name}-no-network"[:63]),
+        "spec": {
+            "podSelector": {"matchLabels": {labels.NAME: "gristmill-job",
+                                            labels.WORKER_GROUP: group.metadata.name,
+                                            labels.NETWORK: "none"}},
+            "policyTypes": ["Ingress", "Egress"],  # and no rule: nothing in, nothing out
+        },
+    })
+    return objects

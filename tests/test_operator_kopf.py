@@ -121,6 +121,23 @@ async def test_scripts_flows_and_worker_groups_reconciled(database_url, tmp_path
         events = await get(session, "api/v1/namespaces/team-a/events")
         assert any(e.get("reason") == "Stored" for e in events.get("items", []))
 
+        # A pod-executor group also gets what its workers need to run job pods.
+        group = manifest("WorkerGroup", "pods", {"tags": ["python"], "executor": "pod"})
+        created = await (await session.post(f"{GROUP}/workergroups", json=group)).json()
+        for path in ("api/v1/namespaces/team-a/serviceaccounts/gristmill-workers-pods",
+                     "apis/rbac.authorization.k8s.io/v1/namespaces/team-a/rolebindings/"
+                     "gristmill-workers-pods",
+                     "apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/"
+                     "gristmill-jobs-pods-no-network"):
+            async def owned_object(path=path):
+                obj = await get(session, path)
+                return obj if obj.get("metadata", {}).get("ownerReferences") else None
+            (owner,) = (await wait_for(owned_object))["metadata"]["ownerReferences"]
+            assert owner["uid"] == created["metadata"]["uid"]
+        template = (await get(session, "apis/apps/v1/namespaces/team-a/deployments/"
+                                       "gristmill-workers-pods"))["spec"]["template"]["spec"]
+        assert template["serviceAccountName"] == "gristmill-workers-pods"
+
 
 @pytest.mark.timeout(90)
 async def test_autoscaler_follows_the_queue_and_spares_busy_workers(db, database_url, tmp_path):
@@ -209,3 +226,22 @@ async def test_a_restarted_operator_duplicates_nothing(db, database_url, tmp_pat
             await asyncio.sleep(3)  # a full re-listing and a recheck or two
             after = await snapshot()
         assert after == before
+
+
+@pytest.mark.timeout(90)
+async def test_database_errors_are_retried_with_backoff(db, database_url, tmp_path):
+    async with emulated_cluster(database_url, tmp_path) as cluster, running_operator():
+        session = cluster.session
+        # The database drops the operator's connections (a failover, a restart).
+        await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                         " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        await session.post(f"{GROUP}/scripts", json=manifest(
+            "Script", "hello", {"language": "python", "code": "def main():\n    return 1\n"}))
+
+        async def stored():
+            obj = await get(session, f"{GROUP}/scripts/hello")
+            return obj if ready_of(obj) == "True" else None
+        # kopf's own backoff is a minute; the first retry here comes after a second.
+        await wait_for(stored, timeout=15)
+        cur = await db.execute("SELECT count(*) FROM scripts")
+        assert (await cur.fetchone())[0] == 1

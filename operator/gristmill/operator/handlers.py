@@ -25,6 +25,7 @@ from gristmill.operator import metrics, reconcile
 from gristmill.operator.autoscaler import Autoscaler, deletion_costs
 from gristmill.operator.deployment import deployment_name, selector, worker_deployment
 from gristmill.operator.job_runner import job_runner_objects
+from gristmill.operator.retrying import retried_when_transient
 from gristmill.spec import WorkerGroup
 
 GROUP, VERSION = "gristmill.io", "v1alpha1"
@@ -85,6 +86,7 @@ def _not_ready(status: kopf.Status, **_: Any) -> bool:
 @kopf.on.resume(GROUP, VERSION, "scripts")
 @kopf.on.create(GROUP, VERSION, "scripts")
 @kopf.on.update(GROUP, VERSION, "scripts", field="spec")
+@retried_when_transient
 async def script_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     await _reconcile(reconcile.reconcile_script, body, patch, memo)
 
@@ -92,12 +94,14 @@ async def script_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
 @kopf.on.resume(GROUP, VERSION, "flows")
 @kopf.on.create(GROUP, VERSION, "flows")
 @kopf.on.update(GROUP, VERSION, "flows", field="spec")
+@retried_when_transient
 async def flow_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     await _reconcile(reconcile.reconcile_flow, body, patch, memo)
 
 
 @kopf.timer(GROUP, VERSION, "flows", interval=RECHECK_S, initial_delay=RECHECK_S,
             when=lambda status, **_: _not_ready(status))
+@retried_when_transient
 async def flow_recheck(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """A Flow waiting for a Script (or sub-flow) turns Ready without being touched."""
     await _reconcile(reconcile.reconcile_flow, body, patch, memo)
@@ -105,6 +109,7 @@ async def flow_recheck(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_:
 
 @kopf.on.delete(GROUP, VERSION, "scripts")
 @kopf.on.delete(GROUP, VERSION, "flows")
+@retried_when_transient
 async def definition_deleted(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
                              **_: Any) -> None:
     async with memo.pool.connection() as conn:
@@ -145,6 +150,7 @@ def _apply(obj: dict[str, Any], autoscaled: bool = False) -> None:
 @kopf.on.resume(GROUP, VERSION, "workergroups")
 @kopf.on.create(GROUP, VERSION, "workergroups")
 @kopf.on.update(GROUP, VERSION, "workergroups", field="spec")
+@retried_when_transient
 async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
                                **_: Any) -> None:
     generation = body["metadata"].get("generation")
@@ -177,6 +183,7 @@ async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
 
 
 @kopf.timer(GROUP, VERSION, "workergroups", interval=RECHECK_S)
+@retried_when_transient
 async def worker_group_status(body: kopf.Body, patch: kopf.Patch, namespace: str, name: str,
                               **_: Any) -> None:
     """Mirror the Deployment's replica counts into the group's status (and scale subresource)."""
@@ -211,6 +218,7 @@ def _scale(namespace: str, name: str, replicas: int) -> None:
 
 
 @kopf.timer(GROUP, VERSION, "workergroups", interval=AUTOSCALE_S, when=_autoscaled)
+@retried_when_transient
 async def autoscale(body: kopf.Body, patch: kopf.Patch, namespace: str, name: str,
                     memo: kopf.Memo, **_: Any) -> None:
     """Size the group's Deployment to the queued and running jobs of its tags."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,6 +47,17 @@ class JobOutcome:
 
 def failure(kind: str, message: str, **extra: Any) -> JobOutcome:
     return JobOutcome(ok=False, error={"kind": kind, "message": message, **extra})
+
+
+def killed_by_signal(exit_code: int) -> JobOutcome | None:
+    """The failure of a process killed by a signal (as -N from Python, 128+N from a shell),
+    or None when it exited on its own."""
+    number = -exit_code if exit_code < 0 else exit_code - 128 if exit_code > 128 else 0
+    if number == signal.SIGKILL:
+        return failure("killed", "killed (SIGKILL): out of memory or killed from outside")
+    if 0 < number < 65:
+        return failure("killed", f"killed by signal {signal.Signals(number).name}")
+    return None
 
 
 class Executor(Protocol):

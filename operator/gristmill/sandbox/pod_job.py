@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gristmill.runtimes import get_runtime
 from gristmill.runtimes.base import WORK
-from gristmill.sandbox.base import JobOutcome, JobRequest, Limits, failure
+from gristmill.sandbox.base import JobOutcome, JobRequest, Limits, failure, killed_by_signal
 from gristmill.sandbox.requirements import RequirementsCache
 
 JOB_ENV = "GRISTMILL_JOB"
@@ -100,8 +100,10 @@ def run(request: JobRequest, workdir: Path) -> tuple[JobOutcome, bool]:
         kept.append(text)
     exit_code = process.wait()
     stdout = "".join(kept)
-    return runtime.outcome(request, workdir, exit_code, stdout), \
-        bool(stdout) and not stdout.endswith("\n")
+    outcome = runtime.outcome(request, workdir, exit_code, stdout)
+    if not outcome.ok and outcome.error.get("kind") == "exit":
+        outcome = killed_by_signal(exit_code) or outcome  # the OOM killer, most often
+    return outcome, bool(stdout) and not stdout.endswith("\n")
 
 
 def main() -> int:

@@ -26,7 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gristmill.runtimes import get_runtime
-from gristmill.sandbox.base import JobOutcome, JobRequest, Limits, SandboxUnavailable, failure
+from gristmill.sandbox.base import (
+    JobOutcome,
+    JobRequest,
+    Limits,
+    SandboxUnavailable,
+    failure,
+    killed_by_signal,
+)
 from gristmill.sandbox.requirements import RequirementsCache
 from gristmill.sandbox.uids import UidPool
 
@@ -35,7 +42,6 @@ SYSTEM_DIRS = ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc")
 PATH = "/usr/local/bin:/usr/bin:/bin"
 CPU_GRACE_S = 5  # between SIGXCPU and SIGKILL
 _SIGXCPU_EXIT = 128 + signal.SIGXCPU
-_SIGKILL_EXIT = 128 + signal.SIGKILL
 
 
 def sandbox_python() -> str:
@@ -205,11 +211,7 @@ class ProcessExecutor:
             return failure("cpu", "used up its CPU time (spec.timeout x spec.resources.cpu)")
         outcome = runtime.outcome(request, workdir, exit_code, "".join(out.kept or []))
         if not outcome.ok and outcome.error.get("kind") == "exit":
-            if exit_code in (_SIGKILL_EXIT, -signal.SIGKILL):
-                return failure("killed", "killed (SIGKILL): out of memory or killed from outside")
-            if exit_code > 128:
-                name = signal.Signals(exit_code - 128).name if exit_code - 128 < 65 else "?"
-                return failure("killed", f"killed by signal {name}")
+            return killed_by_signal(exit_code) or outcome
         return outcome
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 
+import aiohttp
 import kopf
 import pytest
 from k8s_emulator import emulated_cluster
@@ -245,3 +246,78 @@ async def test_database_errors_are_retried_with_backoff(db, database_url, tmp_pa
         await wait_for(stored, timeout=15)
         cur = await db.execute("SELECT count(*) FROM scripts")
         assert (await cur.fetchone())[0] == 1
+
+
+@pytest.mark.timeout(90)
+async def test_deleted_definitions_leave_the_store_and_their_finalizers_go(db, database_url,
+                                                                          tmp_path):
+    from gristmill.store import flows as flow_store
+    from gristmill.store import scripts as script_store
+
+    async with emulated_cluster(database_url, tmp_path) as cluster, running_operator():
+        session = cluster.session
+        await session.post(f"{GROUP}/scripts", json=manifest(
+            "Script", "hello", {"language": "python", "code": "def main():\n    return 1\n"}))
+        await session.post(f"{GROUP}/flows", json=manifest(
+            "Flow", "pipeline", {"steps": [{"id": "a", "script": "hello"}]}))
+        await session.post(f"{GROUP}/workergroups", json=manifest(
+            "WorkerGroup", "default", {"tags": ["python"]}))
+
+        async def ready(plural, name):
+            obj = await get(session, f"{GROUP}/{plural}/{name}")
+            return ready_of(obj) == "True"
+        for plural, name in (("scripts", "hello"), ("flows", "pipeline"),
+                             ("workergroups", "default")):
+            await wait_for(lambda plural=plural, name=name: ready(plural, name))
+        assert await flow_store.get(db, "team-a", "pipeline") is not None
+
+        for plural, name in (("flows", "pipeline"), ("scripts", "hello"),
+                             ("workergroups", "default")):
+            async with session.delete(f"{GROUP}/{plural}/{name}") as response:
+                assert response.status == 200
+
+            async def gone(plural=plural, name=name):
+                async with session.get(f"{GROUP}/{plural}/{name}") as response:
+                    return response.status == 404
+            await wait_for(gone)  # the operator let go of its finalizer
+        assert await flow_store.get(db, "team-a", "pipeline") is None
+        assert await script_store.get(db, "team-a", "hello") is None
+
+
+@pytest.mark.timeout(90)
+async def test_the_operator_command_serves_probes_and_stops_on_sigterm(database_url, tmp_path):
+    import subprocess
+    import sys
+
+    from test_cli import free_port
+
+    async with emulated_cluster(database_url, tmp_path) as cluster:
+        session = cluster.session
+        health, metrics = free_port(), free_port()
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "gristmill.cli", "operator", "--database-url", database_url,
+             "--health-port", str(health), "--metrics-port", str(metrics)],
+            env={**os.environ, "GRISTMILL_LOG_LEVEL": "WARNING"})
+        try:
+            async def probes():
+                try:
+                    async with aiohttp.ClientSession() as probe, probe.get(
+                            f"http://127.0.0.1:{health}/healthz") as response:
+                        return await response.json() if response.status == 200 else None
+                except aiohttp.ClientError:
+                    return None
+            # kopf's liveness endpoint, with the operator's own database probe in it.
+            assert (await wait_for(probes, timeout=30))["database"] is True
+
+            await session.post(f"{GROUP}/scripts", json=manifest(
+                "Script", "hello", {"language": "python", "code": "def main():\n    return 1\n"}))
+
+            async def stored():
+                return ready_of(await get(session, f"{GROUP}/scripts/hello")) == "True"
+            await wait_for(stored)
+            async with aiohttp.ClientSession() as scrape, scrape.get(
+                    f"http://127.0.0.1:{metrics}/metrics") as response:
+                assert "gristmill_queue_jobs" in await response.text()
+        finally:
+            operator.terminate()
+            assert await asyncio.to_thread(operator.wait, 30) == 0

@@ -14,9 +14,10 @@ from gristmill.spec import WorkerGroup
 from gristmill.store import scripts as script_store
 
 
-def body(kind: str, name: str, spec: dict, generation: int = 1) -> dict:
+def body(kind: str, name: str, spec: dict, generation: int = 1, namespace: str = "team-a"
+         ) -> dict:
     return {"apiVersion": "gristmill.io/v1alpha1", "kind": kind,
-            "metadata": {"name": name, "namespace": "team-a", "generation": generation,
+            "metadata": {"name": name, "namespace": namespace, "generation": generation,
                          "uid": "1234", "resourceVersion": "7"},
             "spec": spec}
 
@@ -64,6 +65,23 @@ async def test_flow_waits_for_its_scripts_then_turns_ready(db):
     bad = await reconcile_flow(db, body("Flow", "g", {"steps": [
         {"id": "a", "script": "double", "input": {"x": "results.zzz"}}]}))
     assert "refers to unknown step 'zzz'" in bad.status["conditions"][0]["message"]
+
+
+async def test_namespaces_are_tenants(db):
+    from gristmill.flows import engine
+
+    await reconcile_script(db, body("Script", "double", SCRIPT))
+    flow = {"steps": [{"id": "a", "script": "double"}]}
+    # team-b cannot use team-a's Script, and cannot run it either.
+    other = await reconcile_flow(db, body("Flow", "f", flow, namespace="team-b"))
+    assert not other.ready
+    assert "Script 'double' does not exist in namespace 'team-b'" in \
+        other.status["conditions"][0]["message"]
+    assert await script_store.get(db, "team-b", "double") is None
+    assert (await reconcile_flow(db, body("Flow", "f", flow))).ready
+    with pytest.raises(engine.FlowError, match="Flow team-b/f not found"):
+        async with db.transaction():
+            await engine.submit_flow_run(db, "team-b", "f", {})
 
 
 async def test_deleting_a_script_stops_new_runs_only(db):

@@ -93,7 +93,8 @@ async def test_scripts_flows_and_worker_groups_reconciled(database_url, tmp_path
             obj = await get(session, f"{GROUP}/scripts/hello")
             return obj if ready_of(obj) == expected else None
         failed = await wait_for(lambda: script_state("False"))
-        assert "Python syntax error at line 1" in failed["status"]["conditions"][0]["message"]
+        (condition,) = failed["status"]["conditions"]
+        assert "Python syntax error at line 1" in condition.get("message", ""), failed
 
         # Fixing it makes the Script Ready, and the Flow turns Ready untouched.
         await session.patch(f"{GROUP}/scripts/hello",
@@ -308,6 +309,7 @@ async def test_the_operator_command_serves_probes_and_stops_on_sigterm(database_
                     return None
             # kopf's liveness endpoint, with the operator's own database probe in it.
             assert (await wait_for(probes, timeout=30))["database"] is True
+            await asyncio.sleep(2)  # kopf's first listing: see running_operator()
 
             await session.post(f"{GROUP}/scripts", json=manifest(
                 "Script", "hello", {"language": "python", "code": "def main():\n    return 1\n"}))

@@ -27,6 +27,7 @@ from gristmill.operator.deployment import deployment_name, selector, worker_depl
 from gristmill.operator.job_runner import job_runner_objects
 from gristmill.operator.retrying import retried_when_transient
 from gristmill.spec import WorkerGroup
+from gristmill.store.migrate import migrate_url
 
 GROUP, VERSION = "gristmill.io", "v1alpha1"
 DATABASE_SECRET = os.environ.get("GRISTMILL_DATABASE_SECRET", "gristmill-database")
@@ -42,6 +43,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = 20  # INFO and up become Events
     settings.watching.server_timeout = 300
     url = os.environ["GRISTMILL_DATABASE_URL"]
+    await migrate_url(url)  # like the API and the workers: whoever starts first creates it
     memo.pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False,
                                     kwargs={"autocommit": True})
     await memo.pool.open(wait=True, timeout=60)

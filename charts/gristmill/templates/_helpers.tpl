@@ -1,0 +1,44 @@
+{{/* The image every Gristmill container runs. */}}
+{{- define "gristmill.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{- define "gristmill.labels" -}}
+app.kubernetes.io/part-of: gristmill
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end }}
+
+{{/* The Secret (key `url`) holding the database URL: the operator hands its name to
+     every worker Deployment. */}}
+{{- define "gristmill.databaseSecret" -}}
+{{ .Values.database.existingSecret | default "gristmill-database" }}
+{{- end }}
+
+{{- define "gristmill.postgresName" -}}
+{{ .Release.Name }}-postgres
+{{- end }}
+
+{{/* PSS restricted, for every container of the release. */}}
+{{- define "gristmill.podSecurity" -}}
+runAsNonRoot: true
+seccompProfile: {type: RuntimeDefault}
+{{- end }}
+{{- define "gristmill.containerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities: {drop: [ALL]}
+{{- end }}
+
+{{- define "gristmill.databaseEnv" -}}
+- name: GRISTMILL_DATABASE_URL
+  valueFrom:
+    secretKeyRef: {name: {{ include "gristmill.databaseSecret" . }}, key: url}
+{{- end }}
+
+{{/* The bundled PostgreSQL runs unless an external database is given. */}}
+{{- define "gristmill.bundledPostgres" -}}
+{{- $db := .Values.database }}
+{{- if and $db.bundled.enabled (not $db.url) (not $db.existingSecret) }}true{{ end }}
+{{- end }}

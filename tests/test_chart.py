@@ -1,0 +1,169 @@
+"""The Helm chart, rendered and linted by the real Helm library (helm-python-sdk, Helm 4),
+every object validated against the Kubernetes schemas, the pods against PSS restricted,
+and the Argo CD health check run by a real Lua interpreter."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import lupa
+import pytest
+import yaml
+from kubernetes_validate import validate as k8s_validate
+from kubernetes_validate.utils import latest_version
+from pss import restricted_violations
+from test_crds import _cel_errors, _closed, _schema_of
+
+from gristmill.spec import WorkerGroupSpec
+
+ROOT = Path(__file__).parent.parent
+CHART = ROOT / "charts" / "gristmill"
+NAMESPACE = "gristmill-system"
+
+
+def render(values: dict | None = None) -> list[dict]:
+    rendered = helm.Chart.load(CHART).render(values, name="gm", namespace=NAMESPACE,
+                                             is_install=True)
+    return [document for path, text in sorted(rendered.items()) if path.endswith(".yaml")
+            for document in yaml.safe_load_all(text) if document]
+
+
+def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def test_lint_is_clean():
+    report = helm.lint(CHART, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("version", ["1.29.0", latest_version()])
+def test_every_object_is_valid(version):
+    for obj in render():
+        if obj["apiVersion"].startswith("gristmill.io/"):
+            schema = _schema_of(obj["kind"])
+            jsonschema.validate(obj, _closed(schema))
+            assert _cel_errors(schema, obj) == []
+        else:
+            k8s_validate(obj, version, strict=True)
+
+
+def test_pods_meet_pss_restricted_and_the_operator_runs_alone():
+    objects = render()
+    workloads = {**by_kind(objects, "Deployment"), **by_kind(objects, "StatefulSet")}
+    assert set(workloads) == {"gristmill-operator", "gristmill-api", "gm-postgres"}
+    for name, workload in workloads.items():
+        assert restricted_violations(workload["spec"]["template"]["spec"]) == [], name
+    operator = workloads["gristmill-operator"]["spec"]
+    # kopf has no leader election: never two operators, not even during an upgrade.
+    assert operator["replicas"] == 1 and operator["strategy"] == {"type": "Recreate"}
+    container = operator["template"]["spec"]["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["image"] == "ghcr.io/gristmill/worker:0.1.0"
+
+
+def test_the_bundled_database_gets_a_generated_password():
+    objects = render()
+    secret = by_kind(objects, "Secret")["gristmill-database"]["stringData"]
+    assert len(secret["password"]) == 32
+    assert secret["url"] == f"postgresql://gristmill:{secret['password']}@gm-postgres:5432/gristmill"
+    (env,) = [e for e in by_kind(objects, "StatefulSet")["gm-postgres"]["spec"]["template"][
+        "spec"]["containers"][0]["env"] if e["name"] == "POSTGRES_PASSWORD"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "gristmill-database", "key": "password"}
+
+
+def test_an_external_database_replaces_the_bundled_one():
+    objects = render({"database": {"url": "postgresql://gm:pw@db.example:5432/gm"}})
+    assert by_kind(objects, "StatefulSet") == {}
+    secret = by_kind(objects, "Secret")["gristmill-database"]
+    assert secret["stringData"] == {"url": "postgresql://gm:pw@db.example:5432/gm"}
+
+    objects = render({"database": {"existingSecret": "my-db"}})
+    assert by_kind(objects, "Secret") == {} and by_kind(objects, "StatefulSet") == {}
+    env = {e["name"]: e for e in by_kind(objects, "Deployment")["gristmill-operator"]["spec"][
+        "template"]["spec"]["containers"][0]["env"]}
+    assert env["GRISTMILL_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "my-db"
+    # ...and the operator gives the same Secret to every worker Deployment it makes.
+    assert env["GRISTMILL_DATABASE_SECRET"]["value"] == "my-db"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"api": {"replicas": -1}}, "at '/api/replicas': minimum: got -1, want 0"),
+    ({"operatr": {}}, "additional properties 'operatr' not allowed"),
+    ({"database": {"bundled": {"enabled": False}}},
+     "database: set database.url (an external PostgreSQL), database.existingSecret"),
+    ({"workerGroups": [{"name": "GPU", "spec": {"tags": ["gpu"]}}]}, "workerGroups/0/name"),
+])
+def test_bad_values_are_refused_with_what_to_fix(values, message):
+    with pytest.raises(helm.HelmError) as refused:
+        render(values)
+    assert message in str(refused.value)
+
+
+def test_rbac_is_files_rbac_in_the_release_namespace():
+    source = [d for d in yaml.safe_load_all((CHART / "files" / "rbac.yaml").read_text()) if d]
+    rendered = [o for o in render() if o["kind"] in
+                ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")]
+    assert len(rendered) == len(source)
+    for mine, theirs in zip(rendered, source, strict=True):
+        if "namespace" in theirs.get("metadata", {}):
+            theirs["metadata"]["namespace"] = NAMESPACE
+        for subject in theirs.get("subjects", []):
+            subject["namespace"] = NAMESPACE
+        assert mine == theirs
+
+
+def test_crds_versions_and_default_worker_group():
+    chart = helm.Chart.load(CHART)
+    assert sorted(c["name"] for c in chart.crds) == sorted(
+        f"crds/{p.name}" for p in (ROOT / "crds").glob("*.yaml"))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart.metadata["appVersion"] == chart.version == project["version"]
+    assert WorkerGroupSpec.model_fields["image"].default.endswith(f":{project['version']}")
+    (group,) = by_kind(render(), "WorkerGroup").values()
+    assert group["metadata"]["namespace"] == NAMESPACE
+    assert group["spec"]["image"] == "ghcr.io/gristmill/worker:0.1.0"
+    mine = render({"image": {"tag": "dev"}, "workerGroups": [
+        {"name": "gpu", "spec": {"tags": ["gpu"], "image": "registry.local/gpu:1"}}]})
+    assert by_kind(mine, "WorkerGroup")["gpu"]["spec"]["image"] == "registry.local/gpu:1"
+    assert by_kind(mine, "Deployment")["gristmill-api"]["spec"]["template"]["spec"][
+        "containers"][0]["image"] == "ghcr.io/gristmill/worker:dev"
+
+
+def _argocd_health(obj: dict) -> dict:
+    """Run files/argocd-health.lua as Argo CD does: `obj` is a global, the script returns."""
+    runtime = lupa.LuaRuntime(unpack_returned_tuples=True)
+
+    def to_lua(value):
+        if isinstance(value, dict):
+            return runtime.table_from({k: to_lua(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return runtime.table_from([to_lua(v) for v in value])
+        return value
+    runtime.globals().obj = to_lua(obj)
+    result = runtime.execute((CHART / "files" / "argocd-health.lua").read_text())
+    return dict(result.items())
+
+
+@pytest.mark.parametrize("status, generation, health", [
+    (None, 1, "Progressing"),
+    ({"conditions": [{"type": "Ready", "status": "True", "reason": "Stored",
+                      "message": "version 1 stored", "observedGeneration": 1}]}, 1, "Healthy"),
+    ({"conditions": [{"type": "Ready", "status": "True", "reason": "Stored",
+                      "observedGeneration": 1}]}, 2, "Progressing"),
+    ({"conditions": [{"type": "Ready", "status": "False", "reason": "Invalid",
+                      "message": "spec.code: Python syntax error at line 1",
+                      "observedGeneration": 3}]}, 3, "Degraded"),
+    ({"conditions": [{"type": "Ready", "status": "False", "reason": "MissingReference",
+                      "observedGeneration": 1}]}, 1, "Progressing"),
+])
+def test_argocd_health_follows_the_ready_condition(status, generation, health):
+    obj = {"metadata": {"name": "x", "generation": generation}}
+    if status:
+        obj["status"] = status
+    assert _argocd_health(obj)["status"] == health
+

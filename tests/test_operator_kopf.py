@@ -136,8 +136,11 @@ async def test_scripts_flows_and_worker_groups_reconciled(database_url, tmp_path
                 return obj if obj.get("metadata", {}).get("ownerReferences") else None
             (owner,) = (await wait_for(owned_object))["metadata"]["ownerReferences"]
             assert owner["uid"] == created["metadata"]["uid"]
-        template = (await get(session, "apis/apps/v1/namespaces/team-a/deployments/"
-                                       "gristmill-workers-pods"))["spec"]["template"]["spec"]
+        async def pod_workers():
+            obj = await get(session, "apis/apps/v1/namespaces/team-a/deployments/"
+                                     "gristmill-workers-pods")
+            return obj if obj.get("kind") == "Deployment" else None
+        template = (await wait_for(pod_workers))["spec"]["template"]["spec"]
         assert template["serviceAccountName"] == "gristmill-workers-pods"
 
 

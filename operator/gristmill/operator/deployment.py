@@ -84,6 +84,12 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
         pod_spec["serviceAccountName"] = spec.serviceAccountName or job_runner_name(name)
     elif spec.serviceAccountName:
         pod_spec["serviceAccountName"] = spec.serviceAccountName
+    template_metadata: dict[str, Any] = {"labels": pod_labels}
+    if not pods:
+        # AppArmor's container profile forbids the mounts bubblewrap makes (Ubuntu nodes);
+        # the annotation works on every version the CRDs support (1.29 has no field).
+        template_metadata["annotations"] = {
+            "container.apparmor.security.beta.kubernetes.io/worker": "unconfined"}
     for key in ("nodeSelector", "tolerations", "affinity"):
         if getattr(spec, key):
             pod_spec[key] = getattr(spec, key)
@@ -103,6 +109,6 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
             "selector": {"matchLabels": pod_labels},
             "strategy": {"type": "RollingUpdate",
                          "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            "template": {"metadata": template_metadata, "spec": pod_spec},
         },
     }

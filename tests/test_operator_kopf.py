@@ -274,6 +274,9 @@ async def test_deleted_definitions_leave_the_store_and_their_finalizers_go(db, d
                              ("workergroups", "default")):
             await wait_for(lambda plural=plural, name=name: ready(plural, name))
         assert await flow_store.get(db, "team-a", "pipeline") is not None
+        # Only Scripts and Flows have cleanup to do; a WorkerGroup's Deployment goes with it.
+        group = await get(session, f"{GROUP}/workergroups/default")
+        assert not group["metadata"].get("finalizers")
 
         for plural, name in (("flows", "pipeline"), ("scripts", "hello"),
                              ("workergroups", "default")):

@@ -246,6 +246,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     import gristmill.operator.handlers  # noqa: F401  (registers the handlers)
 
     namespaces = args.namespace or []
+    os.environ["GRISTMILL_WATCH_NAMESPACES"] = ",".join(namespaces)
     kopf.run(clusterwide=not namespaces, namespaces=namespaces, standalone=True,
              liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz")
     return 0

@@ -4,13 +4,13 @@ Scripts and Flows are stored in Postgres (a finalizer takes a deleted one out
 of new submissions); a Flow that is not Ready is re-checked on a timer, so it
 turns Ready once the Script it waits for appears. A WorkerGroup owns a
 Deployment (owner reference: deleting the group deletes its workers, which
-drain on SIGTERM); no finalizer is needed there.
+drain on SIGTERM), so it has no finalizer, no kopf timer and no delete handler:
+its status and autoscaling run in one loop for all groups (groups.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import os
 from typing import Any
 
@@ -21,9 +21,10 @@ from prometheus_client import start_http_server
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
-from gristmill.operator import metrics, reconcile
-from gristmill.operator.autoscaler import Autoscaler, deletion_costs
+from gristmill.operator import reconcile
+from gristmill.operator.autoscaler import Autoscaler
 from gristmill.operator.deployment import deployment_name, selector, worker_deployment
+from gristmill.operator.groups import GroupLoop
 from gristmill.operator.job_runner import job_runner_objects
 from gristmill.operator.retrying import retried_when_transient
 from gristmill.spec import WorkerGroup
@@ -34,7 +35,6 @@ DATABASE_SECRET = os.environ.get("GRISTMILL_DATABASE_SECRET", "gristmill-databas
 RECHECK_S = float(os.environ.get("GRISTMILL_RECHECK_INTERVAL", "10"))
 AUTOSCALE_S = float(os.environ.get("GRISTMILL_AUTOSCALE_INTERVAL", "5"))
 METRICS_PORT = int(os.environ.get("GRISTMILL_METRICS_PORT", "0"))  # 0: no /metrics server
-DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
 @kopf.on.startup()
@@ -47,7 +47,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False,
                                     kwargs={"autocommit": True})
     await memo.pool.open(wait=True, timeout=60)
-    memo.autoscaler = Autoscaler(period_s=AUTOSCALE_S)
     if METRICS_PORT:
         start_http_server(METRICS_PORT)
     try:
@@ -55,10 +54,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     except config.ConfigException:
         # Read KUBECONFIG now: the client library only reads it when first imported.
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    namespaces = [n for n in os.environ.get("GRISTMILL_WATCH_NAMESPACES", "").split(",") if n]
+    groups = GroupLoop(memo.pool, Autoscaler(period_s=AUTOSCALE_S), AUTOSCALE_S, namespaces)
+    memo.stop_groups = asyncio.Event()
+    memo.groups = asyncio.create_task(groups.run(memo.stop_groups))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.stop_groups.set()
+    await memo.groups
     await memo.pool.close()
 
 
@@ -182,87 +187,3 @@ async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
                                                  f"Deployment {deployment_name(name)} applied",
                                                  generation, previous)],
     })
-
-
-@kopf.timer(GROUP, VERSION, "workergroups", interval=RECHECK_S)
-@retried_when_transient
-async def worker_group_status(body: kopf.Body, patch: kopf.Patch, namespace: str, name: str,
-                              **_: Any) -> None:
-    """Mirror the Deployment's replica counts into the group's status (and scale subresource)."""
-    apps = client.AppsV1Api()
-    try:
-        deployment = await asyncio.to_thread(apps.read_namespaced_deployment_status,
-                                             deployment_name(name), namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return
-        raise
-    status = deployment.status  # None until the Deployment controller first reports
-    patch.status["replicas"] = (status and status.replicas) or 0
-    patch.status["readyReplicas"] = (status and status.ready_replicas) or 0
-
-
-def _autoscaled(spec: kopf.Spec, **_: Any) -> bool:
-    autoscaling = spec.get("autoscaling")
-    return bool(autoscaling) and autoscaling.get("enabled", True)
-
-
-def _mark_deletion_costs(namespace: str, name: str, costs: dict[str, int]) -> None:
-    core = client.CoreV1Api()
-    for pod, running_jobs in costs.items():
-        core.patch_namespaced_pod(pod, namespace, {"metadata": {"annotations": {
-            DELETION_COST: str(running_jobs * 100)}}})
-
-
-def _scale(namespace: str, name: str, replicas: int) -> None:
-    client.AppsV1Api().patch_namespaced_deployment(
-        deployment_name(name), namespace, {"spec": {"replicas": replicas}})
-
-
-@kopf.timer(GROUP, VERSION, "workergroups", interval=AUTOSCALE_S, when=_autoscaled)
-@retried_when_transient
-async def autoscale(body: kopf.Body, patch: kopf.Patch, namespace: str, name: str,
-                    memo: kopf.Memo, **_: Any) -> None:
-    """Size the group's Deployment to the queued and running jobs of its tags."""
-    try:
-        group = WorkerGroup.model_validate(reconcile.manifest(dict(body)))
-    except ValidationError:
-        return  # reported by worker_group_changed
-    try:
-        deployment = await asyncio.to_thread(client.AppsV1Api().read_namespaced_deployment,
-                                             deployment_name(name), namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return
-        raise
-    current = deployment.spec.replicas or 0
-    async with memo.pool.connection() as conn:
-        decision, demand = await memo.autoscaler.decide_for(conn, f"{namespace}/{name}",
-                                                            group, current)
-        if decision.replicas < current:
-            # Idle workers go first: the ReplicaSet deletes the lowest cost pods.
-            pods = await asyncio.to_thread(
-                client.CoreV1Api().list_namespaced_pod, namespace,
-                label_selector=selector(name))
-            costs = await deletion_costs(conn, [p.metadata.name for p in pods.items])
-            await asyncio.to_thread(_mark_deletion_costs, namespace, name, costs)
-    metrics.observe_group(namespace, name, decision.replicas, current)
-    patch.status.update({"desiredReplicas": decision.replicas, "queuedJobs": demand.queued,
-                         "runningJobs": demand.running})
-    if decision.replicas != current:
-        await asyncio.to_thread(_scale, namespace, name, decision.replicas)
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        patch.status["lastScaleTime"] = now
-        scaled = {"type": "Scaled", "status": "True", "reason": decision.reason,
-                  "message": f"{current} -> {decision.replicas}: {decision.message}",
-                  "lastTransitionTime": now}
-        others = [c for c in (body.get("status") or {}).get("conditions") or []
-                  if c.get("type") != "Scaled"]
-        patch.status["conditions"] = [*others, scaled]
-        kopf.info(body, reason=decision.reason,
-                  message=f"{current} -> {decision.replicas} workers: {decision.message}")
-
-
-@kopf.on.delete(GROUP, VERSION, "workergroups", optional=True)
-async def worker_group_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.autoscaler.forget(f"{namespace}/{name}")

@@ -41,9 +41,13 @@ def test_lint_is_clean():
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+E2E_VALUES = yaml.safe_load((ROOT / "e2e" / "release-values.yaml").read_text())
+
+
+@pytest.mark.parametrize("values", [None, E2E_VALUES], ids=["defaults", "e2e"])
 @pytest.mark.parametrize("version", ["1.29.0", latest_version()])
-def test_every_object_is_valid(version):
-    for obj in render():
+def test_every_object_is_valid(version, values):
+    for obj in render(values):
         if obj["apiVersion"].startswith("gristmill.io/"):
             schema = _schema_of(obj["kind"])
             jsonschema.validate(obj, _closed(schema))

@@ -1,8 +1,9 @@
 """The autoscaling loop's memory and its one query per loop (no kopf here).
 
-Every WorkerGroup's timer asks `Autoscaler.decide_for`; the queue depth of
-all tags is read at most once per loop period and shared, so a hundred groups
-cost one query, not a hundred connections (KEDA opens one per ScaledObject).
+The group loop (groups.py) asks `Autoscaler.decide_for` for each autoscaled
+WorkerGroup; the queue depth of all tags is read at most once per period and
+shared, so a hundred groups cost one query, not a hundred connections (KEDA
+opens one per ScaledObject).
 """
 
 from __future__ import annotations

@@ -1,0 +1,64 @@
+"""A Helm release of the chart on a real cluster runs a Script end to end: CRDs,
+operator, API, bundled PostgreSQL, a pod-executor WorkerGroup, a job pod.
+
+The workflow installs the release (e2e/release-values.yaml) and names its namespace in
+GRISTMILL_E2E_RELEASE_NAMESPACE; the test reaches the API with `kubectl port-forward`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from test_operator import GROUP, VERSION, _get, _ready, _wait
+
+from gristmill.client import Client
+
+RELEASE_NAMESPACE = os.environ.get("GRISTMILL_E2E_RELEASE_NAMESPACE")
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def api(k8s):
+    if not RELEASE_NAMESPACE:
+        pytest.skip("GRISTMILL_E2E_RELEASE_NAMESPACE is not set: `helm install` the chart "
+                    "first (see .github/workflows/e2e.yaml)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    forward = subprocess.Popen(["kubectl", "-n", RELEASE_NAMESPACE, "port-forward",
+                                "svc/gristmill-api", f"{port}:8080"])
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2):
+                return True
+        except OSError:  # not forwarding yet
+            return False
+    try:
+        _wait(healthy, timeout=60)
+        yield Client(url)
+    finally:
+        forward.terminate()
+
+
+def test_a_released_gristmill_runs_a_script_in_a_pod(k8s, api):
+    (script,) = yaml.safe_load_all((ROOT / "examples" / "hello.yaml").read_text())
+    script["metadata"]["namespace"] = RELEASE_NAMESPACE
+    k8s.CustomObjectsApi().create_namespaced_custom_object(
+        GROUP, VERSION, RELEASE_NAMESPACE, "scripts", script)
+    _wait(lambda: _ready(_get(k8s, RELEASE_NAMESPACE, "scripts", "hello")) == "True", 120)
+
+    submitted = api.submit_script(RELEASE_NAMESPACE, "hello", {"input": {"name": "kind"}})
+    started = time.monotonic()
+    run = api.wait(submitted["id"], timeout=300)
+    assert run["status"] == "succeeded", run
+    assert "kind" in str(run["result"])
+    print(f"first run on a fresh release: {time.monotonic() - started:.1f}s (pod start included)")

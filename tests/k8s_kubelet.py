@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
+import kmock
 
 POD_LOG = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log")
 
@@ -53,7 +54,9 @@ class _Container:
             self.done = True
             self.changed.notify_all()
 
-    async def follow(self, follow: bool):
+    async def follow(self, follow: bool, cut: bool = False):
+        """The log; with `cut`, a followed stream ends after its first chunk, as when the
+        API server restarts under a client."""
         yield b""  # headers first, as the API server does
         sent = 0
         while True:
@@ -64,7 +67,7 @@ class _Container:
             sent += len(chunk)
             if chunk:
                 yield chunk
-            if not follow or (done and sent == len(self.output)):
+            if not follow or (done and sent == len(self.output)) or (cut and sent):
                 return
 
 
@@ -74,8 +77,11 @@ class ProcessKubelet:
         self.containers: dict[str, _Container] = {}
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.started: list[dict] = []  # every pod it ran, as created
+        self.cut_log_streams = False
         self._tasks: set[asyncio.Task] = set()
-        emulator["get", POD_LOG] << self._serve_log
+        # Logs are text/plain, as the API server serves them (the client refuses octet-stream).
+        emulator["get", POD_LOG] << kmock.headers({"Content-Type": "text/plain"}) \
+            << self._serve_log
 
     def _serve_log(self, request):
         name = POD_LOG.match(request.url.path).group(2)
@@ -83,7 +89,10 @@ class ProcessKubelet:
         if container is None:  # not started: the API server answers 400
             return {"kind": "Status", "code": 400, "message": f"container in pod {name} is "
                                                               f"waiting to start"}
-        return container.follow(request.params.get("follow") == "true")
+        if "tailLines" in request.params:
+            lines = bytes(container.output).splitlines(keepends=True)
+            return b"".join(lines[-int(request.params["tailLines"]):])
+        return container.follow(request.params.get("follow") == "true", self.cut_log_streams)
 
     async def __aenter__(self):
         self.session = aiohttp.ClientSession(

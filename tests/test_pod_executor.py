@@ -186,3 +186,27 @@ async def test_jobs_run_as_pods_with_results_logs_and_limits(db, database_url, t
         finally:
             worker.terminate()
             assert await asyncio.to_thread(worker.wait, 30) == 0
+
+
+@pytest.mark.timeout(120)
+async def test_a_broken_log_stream_loses_no_result(db, database_url, tmp_path):
+    await apply_yaml(db, script("steps", """
+        import time
+
+        def main():
+            print("first", flush=True)
+            time.sleep(2)
+            print("second", flush=True)
+            return "done"
+    """))
+    async with emulated_cluster(database_url, tmp_path, kubelet_namespace=NAMESPACE) as cluster:
+        cluster.kubelet.cut_log_streams = True  # the API server restarts mid-job
+        worker = start_pod_worker(database_url)
+        try:
+            job = await submit(db, "steps", {})
+            done = await wait_status(db, job, ("succeeded", "failed"), timeout=60)
+            # The worker waits for the pod to end and reads the outcome from the log's tail.
+            assert done["result"] == "done", done["error"]
+        finally:
+            worker.terminate()
+            assert await asyncio.to_thread(worker.wait, 30) == 0

@@ -17,6 +17,7 @@ import asyncio
 import codecs
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from gristmill import labels
 from gristmill.sandbox.base import JobOutcome, JobRequest, SandboxUnavailable, failure
@@ -36,6 +38,7 @@ from gristmill.sandbox.pod_job import JOB_ENV, MARKER_ENV, parse_outcome_line, r
 
 JOB_UID = 65532  # the distroless "nonroot" uid: any image works, root-owned or not
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+READ_RETRIES = 5  # about 15 s of API server trouble before a job is failed
 # Waiting reasons that no amount of waiting fixes.
 HOPELESS = {"InvalidImageName", "CreateContainerConfigError", "CreateContainerError",
             "ErrImageNeverPull"}
@@ -196,19 +199,31 @@ class PodExecutor:
         started = await self._wait_started(name, cancel)
         if isinstance(started, JobOutcome):
             return started
+        timeout_s = request.limits.timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
         lines = _LogLines(marker, on_output, request.limits.max_output_bytes)
-        ended = await self._stream_log(name, lines, request.limits.timeout_s, cancel)
-        if ended is not None:
-            return ended
+        stopped = await self._stream_log(name, lines, deadline, timeout_s, cancel)
+        if stopped is not None:
+            return stopped
         lines.close()
         if lines.outcome is not None:
             return lines.outcome
-        return await self._why_no_outcome(name)
+        # The stream ended without an outcome: the container ended early, or the stream
+        # broke (an API server restart) while the job goes on.
+        return await self._after_stream(name, marker, deadline, timeout_s, cancel)
 
     async def _read(self, name: str) -> dict[str, Any]:
-        response = await self._call(self.core.read_namespaced_pod, name, self.namespace,
-                                    _preload_content=False)
-        return json.loads(response.data)
+        """The pod, riding out a few seconds of API server trouble."""
+        for attempt in itertools.count():
+            try:
+                response = await self._call(self.core.read_namespaced_pod, name,
+                                            self.namespace, _preload_content=False)
+                return json.loads(response.data)
+            except Exception as exc:
+                if attempt >= READ_RETRIES or not _transient(exc):
+                    raise
+                await asyncio.sleep(min(0.5 * 2 ** attempt, 8.0))
+        raise AssertionError("unreachable")
 
     async def _wait_started(self, name: str, cancel: asyncio.Event) -> JobOutcome | None:
         loop = asyncio.get_running_loop()
@@ -231,11 +246,10 @@ class PodExecutor:
         return failure("setup", f"the job pod did not start within {self.start_timeout_s:g}s "
                                 f"({why}); see `kubectl describe pod {name}`")
 
-    async def _stream_log(self, name: str, lines: _LogLines, timeout_s: float,
+    async def _stream_log(self, name: str, lines: _LogLines, deadline: float, timeout_s: float,
                           cancel: asyncio.Event) -> JobOutcome | None:
         """Forward the log until the container ends; an outcome if it had to be stopped."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
         opened: list[Any] = []
 
@@ -282,17 +296,29 @@ class PodExecutor:
                 # Closing can block until the stream ends (the pod is deleted next): not here.
                 threading.Thread(target=_close_quietly, args=(response,), daemon=True).start()
 
-    async def _why_no_outcome(self, name: str) -> JobOutcome:
-        """The container ended without reporting: say why, from what the kubelet saw."""
+    async def _after_stream(self, name: str, marker: str, deadline: float, timeout_s: float,
+                            cancel: asyncio.Event) -> JobOutcome:
+        """Wait for the container to end, then take the outcome from the log's tail or say
+        why there is none, from what the kubelet saw."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
         while True:
-            pod = await self._read(name)
-            status = pod.get("status") or {}
+            status = (await self._read(name)).get("status") or {}
             terminated = _terminated(status)
-            if terminated is not None or loop.time() > deadline:
+            if terminated is not None or status.get("phase") in ("Succeeded", "Failed"):
                 break
-            await asyncio.sleep(self.poll_s)
+            if loop.time() >= deadline:
+                return failure("timeout", f"timed out after {timeout_s:g}s (spec.timeout)")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cancel.wait(), self.poll_s * 4)
+            if cancel.is_set():
+                return failure("cancelled", "cancelled while running")
+        with contextlib.suppress(ApiException):
+            tail = await self._call(self.core.read_namespaced_pod_log, name, self.namespace,
+                                    tail_lines=5)
+            for line in reversed(tail.splitlines()):
+                outcome = parse_outcome_line(marker, line)
+                if outcome is not None:
+                    return outcome
         if status.get("reason") == "DeadlineExceeded":
             return failure("timeout", "the job pod passed its activeDeadlineSeconds")
         terminated = terminated or {}
@@ -307,6 +333,14 @@ class PodExecutor:
     def _delete(self, name: str) -> None:
         with contextlib.suppress(ApiException):
             self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
+
+
+def _transient(exc: BaseException) -> bool:
+    """An API server error worth another try (the operator's retrying.py says the same for
+    its handlers; the sandbox does not import the operator)."""
+    if isinstance(exc, ApiException):
+        return exc.status in (0, 429) or exc.status >= 500
+    return isinstance(exc, HTTPError | OSError)
 
 
 def _close_quietly(response: Any) -> None:

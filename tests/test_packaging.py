@@ -41,13 +41,13 @@ def test_the_installed_package_carries_its_migrations(installed, tmp_path):
 
 def test_a_job_pods_command_runs_from_the_installed_package(installed, tmp_path):
     from gristmill.sandbox.base import JobRequest
-    from gristmill.sandbox.pod_job import JOB_ENV, MARKER_ENV, request_to_env
+    from gristmill.sandbox.pod_job import MARKER_ENV, request_env
 
     request = JobRequest(job_id="j-1", language="python", input={"n": 4},
                          code="def main(n: int):\n    print('squaring', n)\n    return n * n\n")
     # What job_pod() puts in the container: `python -m gristmill.sandbox.pod_job`, cwd /work.
     done = subprocess.run([sys.executable, "-m", "gristmill.sandbox.pod_job"], cwd=tmp_path,
-                          env={**installed, JOB_ENV: request_to_env(request),
+                          env={**installed, **request_env(request),
                                MARKER_ENV: "#m# "}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     *output, last = done.stdout.splitlines()

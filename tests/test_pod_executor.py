@@ -18,12 +18,44 @@ from test_worker import submit, wait_status
 
 from gristmill.operator.deployment import worker_deployment
 from gristmill.operator.job_runner import job_runner_objects
-from gristmill.sandbox.base import JobRequest, Limits
+from gristmill.sandbox.base import JobOutcome, JobRequest, Limits
 from gristmill.sandbox.pod import job_pod
+from gristmill.sandbox.pod_job import MARKER_ENV, PayloadTooLarge, parse_outcome_line, request_env
 from gristmill.spec import WorkerGroup
 from gristmill.store import logs, queue
 
 NAMESPACE = "team-a"
+def run_pod_command(request: JobRequest, workdir) -> list[str]:
+    """The job pod's command, run here as the kubelet would run it: its stdout lines."""
+    done = subprocess.run([sys.executable, "-m", "gristmill.sandbox.pod_job"], cwd=workdir,
+                          env={"PATH": os.environ["PATH"], **request_env(request),
+                               MARKER_ENV: "#m# "},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_the_pod_command_takes_large_inputs_and_ends_with_its_job(tmp_path):
+    # 300 KB of input (more than one environment string may hold), and a process the
+    # job leaves running, which must not keep the pod (and the worker's slot) busy.
+    code = ("import subprocess, sys\n\ndef main(blob: str):\n"
+            "    subprocess.Popen(['sleep', '60'])\n"
+            "    sys.stderr.write('no newline at the end')\n"
+            "    return len(blob)\n")
+    request = JobRequest(job_id="j-big", language="python", code=code,
+                         input={"blob": "x" * 300_000})
+    assert len([name for name in request_env(request) if name[-1].isdigit()]) >= 3
+    *_, last = run_pod_command(request, tmp_path)
+    assert parse_outcome_line("#m# ", last) == JobOutcome(ok=True, result=300_000)
+
+
+def test_a_job_too_large_for_a_pod_is_refused_with_what_to_do():
+    request = JobRequest(job_id="j-huge", language="python", code="def main(b): pass",
+                         input={"b": "x" * 2_000_000})
+    with pytest.raises(PayloadTooLarge, match="pass large data by reference"):
+        request_env(request)
+
+
 def a_job_pod(network: bool = False) -> dict:
     request = JobRequest(job_id="0b7c6f0e-5d1c-4a51-a0f8-2d8f0b9e6c11", language="python",
                          code="def main():\n    return 1\n", input={}, network=network,

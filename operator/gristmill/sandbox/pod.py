@@ -19,10 +19,12 @@ import contextlib
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,11 +36,19 @@ from urllib3.exceptions import HTTPError
 
 from gristmill import labels
 from gristmill.sandbox.base import JobOutcome, JobRequest, SandboxUnavailable, failure
-from gristmill.sandbox.pod_job import JOB_ENV, MARKER_ENV, parse_outcome_line, request_to_env
+from gristmill.sandbox.pod_job import (
+    MARKER_ENV,
+    PayloadTooLarge,
+    parse_outcome_line,
+    request_env,
+)
 
+log = logging.getLogger("gristmill.sandbox.pod")
 JOB_UID = 65532  # the distroless "nonroot" uid: any image works, root-owned or not
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 READ_RETRIES = 5  # about 15 s of API server trouble before a job is failed
+REQUEST_TIMEOUT = (5, 30)  # connect, read: seconds
+QUIET_S = 15.0  # a log this quiet has the pod looked at: a stalled stream must not hang a job
 # Waiting reasons that no amount of waiting fixes.
 HOPELESS = {"InvalidImageName", "CreateContainerConfigError", "CreateContainerError",
             "ErrImageNeverPull"}
@@ -83,7 +93,8 @@ def job_pod(request: JobRequest, image: str, marker: str, start_timeout_s: float
                 "image": image,
                 "command": ["python", "-m", "gristmill.sandbox.pod_job"],
                 "workingDir": "/work",
-                "env": [{"name": JOB_ENV, "value": request_to_env(request)},
+                "env": [*({"name": name, "value": value}
+                          for name, value in request_env(request).items()),
                         {"name": MARKER_ENV, "value": marker}],
                 "resources": {"requests": resources, "limits": resources},
                 "securityContext": {
@@ -132,10 +143,12 @@ class _LogLines:
         out = []
         for line in lines:
             outcome = parse_outcome_line(self.marker, line)
-            if outcome is not None:
-                self.outcome = outcome
-            else:
+            if outcome is None:
                 out.append(line + "\n")
+                continue
+            self.outcome = outcome
+            if before := line[:line.find(self.marker)]:  # the job's unfinished last line
+                out.append(before + "\n")
         if out:
             self.on_output("".join(out))
         return True
@@ -159,6 +172,8 @@ class PodExecutor:
         self.threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="pod-executor")
 
     async def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One blocking API call in the pool, never waiting forever on a dead connection."""
+        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
         return await asyncio.get_running_loop().run_in_executor(
             self.threads, functools.partial(function, *args, **kwargs))
 
@@ -182,17 +197,21 @@ class PodExecutor:
     async def run(self, request: JobRequest, on_output: Callable[[str], None],
                   cancel: asyncio.Event) -> JobOutcome:
         marker = f"#gristmill-outcome-{secrets.token_hex(8)}# "
-        body = job_pod(request, self.image, marker, self.start_timeout_s, self.worker,
-                       self.group, self.owner)
+        try:
+            body = job_pod(request, self.image, marker, self.start_timeout_s, self.worker,
+                           self.group, self.owner)
+        except PayloadTooLarge as exc:
+            return failure("setup", str(exc))
         name = body["metadata"]["name"]
         try:
-            await self._call(self.core.create_namespaced_pod, self.namespace, body)
-        except ApiException as exc:
-            return failure("setup", f"could not create the job pod: {_api_message(exc)}")
-        try:
+            try:
+                await self._call(self.core.create_namespaced_pod, self.namespace, body)
+            except ApiException as exc:
+                return failure("setup", f"could not create the job pod: {_api_message(exc)}")
             return await self._follow(name, request, marker, on_output, cancel)
         finally:
-            await self._call(self._delete, name)
+            # Also when the create's answer was lost: the pod may exist all the same.
+            await asyncio.get_running_loop().run_in_executor(self.threads, self._delete, name)
 
     async def _follow(self, name: str, request: JobRequest, marker: str,
                       on_output: Callable[[str], None], cancel: asyncio.Event) -> JobOutcome:
@@ -260,8 +279,16 @@ class PodExecutor:
         def pump() -> None:
             # Opening and reading both block; here they never hold up timeouts or cancels.
             try:
-                response = self.core.read_namespaced_pod_log(
-                    name, self.namespace, follow=True, _preload_content=False)
+                for attempt in range(3):
+                    try:
+                        response = self.core.read_namespaced_pod_log(
+                            name, self.namespace, follow=True, _preload_content=False,
+                            _request_timeout=(5, 86400))  # quiet jobs: QUIET_S
+                        break
+                    except Exception as exc:
+                        if attempt == 2 or not _transient(exc):
+                            raise
+                        time.sleep(1)
                 opened.append(response)
                 for chunk in response.stream(65536):
                     put(chunk)
@@ -276,14 +303,19 @@ class PodExecutor:
         try:
             while True:
                 got = asyncio.ensure_future(chunks.get())
-                done, _ = await asyncio.wait({got, cancelled},
-                                             timeout=max(0.0, deadline - loop.time()),
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {got, cancelled}, timeout=max(0.0, min(deadline - loop.time(), QUIET_S)),
+                    return_when=asyncio.FIRST_COMPLETED)
                 if got not in done:
                     got.cancel()
                     if cancelled in done:
                         return failure("cancelled", "cancelled while running")
-                    return failure("timeout", f"timed out after {timeout_s:g}s (spec.timeout)")
+                    if loop.time() >= deadline:
+                        return failure("timeout", f"timed out after {timeout_s:g}s "
+                                                  f"(spec.timeout)")
+                    if _terminated((await self._read(name)).get("status") or {}):
+                        return None  # a quiet stream that outlived its container
+                    continue
                 chunk = got.result()
                 if chunk is None:
                     return None
@@ -313,9 +345,10 @@ class PodExecutor:
             if cancel.is_set():
                 return failure("cancelled", "cancelled while running")
         with contextlib.suppress(ApiException):
-            tail = await self._call(self.core.read_namespaced_pod_log, name, self.namespace,
-                                    tail_lines=5)
-            for line in reversed(tail.splitlines()):
+            # The whole log, not its last lines: runtimes split long lines into records,
+            # and the outcome line can be long.
+            text = await self._call(self.core.read_namespaced_pod_log, name, self.namespace)
+            for line in reversed(text.splitlines()):
                 outcome = parse_outcome_line(marker, line)
                 if outcome is not None:
                     return outcome
@@ -331,8 +364,23 @@ class PodExecutor:
                                f"reporting an outcome")
 
     def _delete(self, name: str) -> None:
-        with contextlib.suppress(ApiException):
-            self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
+        """Delete the pod; never raises, so that a job's outcome is never lost to it (a pod
+        left behind goes with its worker pod)."""
+        for attempt in range(READ_RETRIES + 1):
+            try:
+                self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0,
+                                                _request_timeout=REQUEST_TIMEOUT)
+                return
+            except ApiException as exc:
+                if exc.status == 404:
+                    return
+                if not _transient(exc):
+                    break
+            except Exception as exc:  # noqa: BLE001
+                if not _transient(exc):
+                    break
+            time.sleep(min(0.5 * 2 ** attempt, 8.0))
+        log.warning("could not delete job pod %s; it goes when its worker pod goes", name)
 
 
 def _transient(exc: BaseException) -> bool:

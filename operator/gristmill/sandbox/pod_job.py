@@ -1,4 +1,4 @@
-"""Inside a job pod: run the one job the worker described in $GRISTMILL_JOB.
+"""Inside a job pod: run the one job the worker described in $GRISTMILL_JOB_*.
 
 The pod's working directory (an emptyDir) is the job's work dir. The job's own
 output goes to the container's stdout and stderr, which the worker follows
@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from gristmill.runtimes import get_runtime
@@ -24,22 +28,40 @@ from gristmill.runtimes.base import WORK
 from gristmill.sandbox.base import JobOutcome, JobRequest, Limits, failure, killed_by_signal
 from gristmill.sandbox.requirements import RequirementsCache
 
-JOB_ENV = "GRISTMILL_JOB"
+JOB_ENV = "GRISTMILL_JOB"  # GRISTMILL_JOB_PARTS, GRISTMILL_JOB_0, GRISTMILL_JOB_1, ...
+ENV_PART = 100_000
+MAX_PAYLOAD = 1_000_000  # a pod object must stay under etcd's 1.5 MiB
 MARKER_ENV = "GRISTMILL_OUTCOME_MARKER"
 PATH = "/usr/local/bin:/usr/bin:/bin"
+LINGER_S = 1.0  # for output still in the pipe once the job's main process exited
 
 
-def request_to_env(request: JobRequest) -> str:
-    """What the worker puts in $GRISTMILL_JOB: all the pod needs to run the job."""
-    return json.dumps({
+class PayloadTooLarge(ValueError):
+    """The job does not fit in a pod object."""
+
+
+def request_env(request: JobRequest) -> dict[str, str]:
+    """What the worker puts in the pod's environment: all it needs to run the job, cut in
+    parts because one environment string may not pass 128 KiB (Linux's MAX_ARG_STRLEN)."""
+    text = json.dumps({
         "id": request.job_id, "language": request.language, "code": request.code,
         "input": request.input, "inputOrder": list(request.input_order),
         "requirements": list(request.requirements), "env": dict(request.env),
         "maxFileBytes": request.limits.max_file_bytes,
-    })
+    })  # ASCII (ensure_ascii): characters are bytes
+    if len(text) > MAX_PAYLOAD:
+        raise PayloadTooLarge(
+            f"the job's code and input take {len(text) // 1024} KiB, and a job pod carries at "
+            f"most {MAX_PAYLOAD // 1024} KiB: pass large data by reference (a URL, a bucket "
+            f"path) or run the Script on a process-executor WorkerGroup")
+    parts = [text[at:at + ENV_PART] for at in range(0, len(text), ENV_PART)]
+    return {f"{JOB_ENV}_PARTS": str(len(parts)),
+            **{f"{JOB_ENV}_{number}": part for number, part in enumerate(parts)}}
 
 
-def request_from_env(text: str) -> JobRequest:
+def request_from_env(environ: Mapping[str, str]) -> JobRequest:
+    text = "".join(environ[f"{JOB_ENV}_{number}"]
+                   for number in range(int(environ[f"{JOB_ENV}_PARTS"])))
     job = json.loads(text)
     return JobRequest(job_id=job["id"], language=job["language"], code=job["code"],
                       input=job["input"], input_order=tuple(job["inputOrder"]),
@@ -53,10 +75,13 @@ def outcome_line(marker: str, outcome: JobOutcome) -> str:
 
 
 def parse_outcome_line(marker: str, line: str) -> JobOutcome | None:
-    if not line.startswith(marker):
+    """The outcome on a log line, if it has one. The marker may follow a job's unfinished
+    stderr line: runtimes that log partial lines put both on one line."""
+    at = line.find(marker)
+    if at < 0:
         return None
     try:
-        written = json.loads(line[len(marker):])
+        written = json.loads(line[at + len(marker):])
         return JobOutcome(ok=bool(written["ok"]), result=written.get("result"),
                           error=written.get("error"))
     except (ValueError, KeyError, TypeError):
@@ -91,14 +116,26 @@ def run(request: JobRequest, workdir: Path) -> tuple[JobOutcome, bool]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
 
     process = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, preexec_fn=limit_files)
+                               stdout=subprocess.PIPE, preexec_fn=limit_files,
+                               start_new_session=True)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     kept: list[str] = []
-    while chunk := process.stdout.read1(65536):
-        text = decoder.decode(chunk)
-        _write(text)
-        kept.append(text)
+
+    def pump() -> None:
+        while chunk := process.stdout.read1(65536):
+            text = decoder.decode(chunk)
+            _write(text)
+            kept.append(text)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     exit_code = process.wait()
+    reader.join(LINGER_S)
+    # What the job left running goes with it (as bubblewrap's --die-with-parent does in
+    # the process executor); one of them may hold stdout open.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    reader.join()
     stdout = "".join(kept)
     outcome = runtime.outcome(request, workdir, exit_code, stdout)
     if not outcome.ok and outcome.error.get("kind") == "exit":
@@ -108,7 +145,7 @@ def run(request: JobRequest, workdir: Path) -> tuple[JobOutcome, bool]:
 
 def main() -> int:
     marker = os.environ[MARKER_ENV]
-    request = request_from_env(os.environ[JOB_ENV])
+    request = request_from_env(os.environ)
     outcome, mid_line = run(request, Path.cwd())
     _write(("\n" if mid_line else "") + outcome_line(marker, outcome) + "\n")
     return 0

@@ -78,6 +78,11 @@ def test_the_bundled_database_gets_a_generated_password():
     (env,) = [e for e in by_kind(objects, "StatefulSet")["gm-postgres"]["spec"]["template"][
         "spec"]["containers"][0]["env"] if e["name"] == "POSTGRES_PASSWORD"]
     assert env["valueFrom"]["secretKeyRef"] == {"name": "gristmill-database", "key": "password"}
+    # It outlives `helm uninstall`, as the data volume does; and a given one is used as is.
+    assert by_kind(objects, "Secret")["gristmill-database"]["metadata"]["annotations"] == {
+        "helm.sh/resource-policy": "keep"}
+    given = by_kind(render({"database": {"bundled": {"password": "s3cret"}}}), "Secret")
+    assert given["gristmill-database"]["stringData"]["password"] == "s3cret"
 
 
 def test_an_external_database_replaces_the_bundled_one():

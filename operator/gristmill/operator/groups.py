@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
@@ -30,6 +31,11 @@ from gristmill.spec import WorkerGroup
 log = logging.getLogger("gristmill.operator.groups")
 GROUP, VERSION, PLURAL = "gristmill.io", "v1alpha1", "workergroups"
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+
+
+def _gone(exc: BaseException) -> bool:
+    """Deleted between the list and the write (a group, a pod): nothing to do."""
+    return isinstance(exc, ApiException) and exc.status == 404
 
 
 def _now() -> str:
@@ -92,7 +98,13 @@ class GroupLoop:
             key = f"{meta['namespace']}/{meta['name']}"
             seen.add(key)
             deployment = deployments.get((meta["namespace"], deployment_name(meta["name"])))
-            await self._one(key, body, deployment)
+            try:
+                await self._one(key, body, deployment)
+            except Exception as exc:  # one group's trouble must not starve the others
+                if not is_transient(exc) and not _gone(exc):
+                    log.exception("WorkerGroup %s", key)
+                else:
+                    log.warning("WorkerGroup %s: %s: %s", key, type(exc).__name__, exc)
         for key in set(self.autoscaler.states) - seen:  # deleted groups
             self.autoscaler.forget(key)
 
@@ -115,8 +127,19 @@ class GroupLoop:
                 wanted.update(await self._autoscale(key, group, body, deployment, status))
         if any(status.get(field) != value for field, value in wanted.items()):
             namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-            await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status, GROUP,
-                                    VERSION, namespace, PLURAL, name, {"status": wanted})
+            patch: dict[str, Any] = {"status": wanted}
+            if "conditions" in wanted:
+                # Conditions are replaced whole: only over the version they were read from,
+                # or a Ready condition kopf wrote meanwhile would be put back stale.
+                patch["metadata"] = {"resourceVersion": body["metadata"]["resourceVersion"]}
+            try:
+                await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status,
+                                        GROUP, VERSION, namespace, PLURAL, name, patch)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                # Changed under us: the next period reads it anew. The Deployment is
+                # already scaled; only the status lags a period.
 
     async def _autoscale(self, key: str, group: WorkerGroup, body: dict[str, Any],
                          deployment: Any, status: dict[str, Any]) -> dict[str, Any]:

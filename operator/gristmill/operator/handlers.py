@@ -154,6 +154,11 @@ def _apply(obj: dict[str, Any], autoscaled: bool = False) -> None:
     patch(name, namespace, obj)
 
 
+def _other_conditions(conditions: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The conditions a spec change leaves alone (Scaled belongs to the group loop)."""
+    return [c for c in conditions or [] if c.get("type") != "Ready"]
+
+
 @kopf.on.resume(GROUP, VERSION, "workergroups")
 @kopf.on.create(GROUP, VERSION, "workergroups")
 @kopf.on.update(GROUP, VERSION, "workergroups", field="spec")
@@ -167,7 +172,8 @@ async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
     except ValidationError as exc:
         message = reconcile.invalid_message(exc, WorkerGroup, dict(body))
         patch.status["conditions"] = [reconcile.ready_condition(False, "Invalid", message,
-                                                                generation, previous)]
+                                                                generation, previous),
+                                      *_other_conditions(previous)]
         kopf.warn(body, reason="Invalid", message=message)
         return
     autoscaled = group.spec.autoscaling is not None and group.spec.autoscaling.enabled
@@ -185,5 +191,6 @@ async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
         "observedGeneration": generation,
         "conditions": [reconcile.ready_condition(True, "DeploymentApplied",
                                                  f"Deployment {deployment_name(name)} applied",
-                                                 generation, previous)],
+                                                 generation, previous),
+                       *_other_conditions(previous)],
     })

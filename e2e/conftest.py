@@ -70,16 +70,36 @@ def database_url():
     server.stop()
 
 
+class Operator:
+    """`gristmill operator` run from this checkout against the cluster."""
+
+    def __init__(self, database_url: str):
+        self.database_url = database_url
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gristmill.cli", "operator", "--database-url",
+             self.database_url, "--health-port", "18081", "--metrics-port", "19090"],
+            env={**os.environ, "GRISTMILL_RECHECK_INTERVAL": "2"})
+        time.sleep(3)
+        assert self.process.poll() is None, "the operator exited at start"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        assert self.process.wait(timeout=60) == 0
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
 @pytest.fixture(scope="session")
 def operator(crds, database_url):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gristmill.cli", "operator", "--database-url", database_url,
-         "--health-port", "18081"], env={**os.environ, "GRISTMILL_RECHECK_INTERVAL": "2"})
-    time.sleep(3)
-    assert process.poll() is None, "the operator exited at start"
-    yield process
-    process.terminate()
-    process.wait(timeout=60)
+    running = Operator(database_url)
+    running.start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture

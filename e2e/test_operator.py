@@ -75,3 +75,27 @@ def test_worker_group_owns_its_deployment(k8s, namespace):
     k8s.CustomObjectsApi().delete_namespaced_custom_object(GROUP, VERSION, namespace,
                                                            "workergroups", "default")
     _wait(lambda: deployment() is None, timeout=120)  # garbage-collected with its owner
+
+
+def test_a_restarted_operator_duplicates_nothing(k8s, namespace, operator):
+    _create(k8s, namespace, "scripts", "Script", "hello",
+            {"language": "python", "code": "def main():\n    return 1\n"})
+    _create(k8s, namespace, "workergroups", "WorkerGroup", "default",
+            {"tags": ["python"], "replicas": 0})
+    _wait(lambda: _ready(_get(k8s, namespace, "scripts", "hello")) == "True")
+    _wait(lambda: _ready(_get(k8s, namespace, "workergroups", "default")) == "True")
+    time.sleep(5)  # the group loop's first status
+
+    def snapshot():
+        objects = [_get(k8s, namespace, plural, name)
+                   for plural, name in (("scripts", "hello"), ("workergroups", "default"))]
+        deployments = k8s.AppsV1Api().list_namespaced_deployment(namespace).items
+        events = k8s.CoreV1Api().list_namespaced_event(namespace).items
+        return ([(o["spec"], o.get("status")) for o in objects],
+                [(d.metadata.name, d.metadata.uid, d.spec.replicas) for d in deployments],
+                sorted((e.reason, e.involved_object.name, e.count) for e in events
+                       if e.source.component != "deployment-controller"))
+    before = snapshot()
+    operator.restart()
+    time.sleep(10)  # a full re-listing, a recheck and a group loop period or two
+    assert snapshot() == before

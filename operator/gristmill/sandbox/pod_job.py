@@ -10,7 +10,6 @@ enforces the output cap.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import contextlib
 import json
@@ -26,7 +25,6 @@ from pathlib import Path
 from gristmill.runtimes import get_runtime
 from gristmill.runtimes.base import WORK
 from gristmill.sandbox.base import JobOutcome, JobRequest, Limits, failure, killed_by_signal
-from gristmill.sandbox.requirements import RequirementsCache
 
 JOB_ENV = "GRISTMILL_JOB"  # GRISTMILL_JOB_PARTS, GRISTMILL_JOB_0, GRISTMILL_JOB_1, ...
 ENV_PART = 100_000
@@ -99,9 +97,10 @@ def run(request: JobRequest, workdir: Path) -> tuple[JobOutcome, bool]:
     env = {"PATH": PATH, "HOME": str(workdir), "LANG": "C.UTF-8", "TMPDIR": "/tmp",
            **runtime.env(request)}
     if request.requirements:
+        from gristmill.sandbox.requirements import RequirementsCache  # only when needed
+
         try:
-            site = asyncio.run(RequirementsCache(workdir / ".cache").ensure(
-                request.requirements, _write))
+            site = RequirementsCache(workdir / ".cache").install(request.requirements, _write)
         except RuntimeError as exc:
             return failure("setup", f"{exc} (a job pod installs requirements itself: it "
                                     f"needs to reach the package index)"), False

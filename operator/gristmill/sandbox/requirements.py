@@ -38,7 +38,14 @@ class RequirementsCache:
         target = self.path_for(requirements)
         if target.exists():
             return target
-        return await asyncio.to_thread(self._install, list(requirements), target, on_output)
+        return await asyncio.to_thread(self.install, requirements, on_output)
+
+    def install(self, requirements: Sequence[str], on_output: Callable[[str], None]) -> Path:
+        """ensure(), blocking: where the requirements are installed, installing them once."""
+        target = self.path_for(requirements)
+        if target.exists():
+            return target
+        return self._install(list(requirements), target, on_output)
 
     def _install(self, requirements: list[str], target: Path,
                  on_output: Callable[[str], None]) -> Path:

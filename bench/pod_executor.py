@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 
 import kmock
-import yaml
 from common import percentile
 from kubernetes import config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from k8s_emulator import Emulator  # noqa: E402
+from k8s_emulator import Emulator, write_kubeconfig  # noqa: E402
 from k8s_kubelet import ProcessKubelet  # noqa: E402
 
 from gristmill.sandbox.base import JobRequest  # noqa: E402
@@ -70,16 +69,9 @@ async def api_requests_per_job(jobs: int, parallel: int) -> float:
     async with Emulator() as emulator, kmock.Server(emulator) as server:
         emulator.resources.load_bundled()
         url = str(server.url).rstrip("/")
-        with tempfile.NamedTemporaryFile("w", suffix=".kubeconfig") as kubeconfig:
-            yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-                "clusters": [{"name": "emulator", "cluster": {"server": url}}],
-                "users": [{"name": "me", "user": {}}],
-                "contexts": [{"name": "emulator",
-                              "context": {"cluster": "emulator", "user": "me"}}],
-            }, kubeconfig)
-            kubeconfig.flush()
-            config.load_kube_config(config_file=kubeconfig.name)
+        with tempfile.TemporaryDirectory() as scratch:
+            kubeconfig = write_kubeconfig(Path(scratch) / "kubeconfig", url)
+            config.load_kube_config(config_file=str(kubeconfig))
         async with ProcessKubelet(emulator, url, NAMESPACE):
             await run_jobs(PodExecutor(NAMESPACE, "local", worker="bench"), jobs, parallel)
         # The executor's requests only (the kubelet's come from aiohttp).

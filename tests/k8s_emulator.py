@@ -76,6 +76,17 @@ class Emulator(kmock.KubernetesEmulator):
                                          "value": generation + 1})
 
 
+def write_kubeconfig(path, url: str):
+    """A kubeconfig whose current context is the emulator at `url`."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+        "users": [{"name": "me", "user": {}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "me"}}],
+    }))
+    return path
+
+
 @attrs.define
 class Cluster:
     session: aiohttp.ClientSession  # to the emulator, base URL set
@@ -94,13 +105,7 @@ async def emulated_cluster(database_url: str, tmp_path, kubelet_namespace: str |
                 kind=kind, namespaced=True, singular=kind.lower(), verbs=VERBS,
                 subresources={"status"})
         url = str(server.url).rstrip("/")
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": url}}],
-            "users": [{"name": "me", "user": {}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "me"}}],
-        }))
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", url)
         env = {"KUBECONFIG": str(kubeconfig), "GRISTMILL_DATABASE_URL": database_url,
                "GRISTMILL_RECHECK_INTERVAL": "1", "GRISTMILL_AUTOSCALE_INTERVAL": "1",
                "GRISTMILL_TEST_KUBE_URL": url}

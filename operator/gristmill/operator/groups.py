@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 from typing import Any
 
@@ -25,6 +24,7 @@ from gristmill import labels
 from gristmill.operator import metrics
 from gristmill.operator.autoscaler import Autoscaler, deletion_costs
 from gristmill.operator.deployment import deployment_name, selector
+from gristmill.operator.reconcile import now as timestamp
 from gristmill.operator.retrying import backoff_delay, is_transient
 from gristmill.spec import WorkerGroup
 
@@ -36,10 +36,6 @@ DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 def _gone(exc: BaseException) -> bool:
     """Deleted between the list and the write (a group, a pod): nothing to do."""
     return isinstance(exc, ApiException) and exc.status == 404
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class GroupLoop:
@@ -159,7 +155,7 @@ class GroupLoop:
         if decision.replicas != current:
             await asyncio.to_thread(self.apps.patch_namespaced_deployment, deployment_name(name),
                                     namespace, {"spec": {"replicas": decision.replicas}})
-            now = _now()
+            now = timestamp()
             message = f"{current} -> {decision.replicas}: {decision.message}"
             others = [c for c in status.get("conditions") or [] if c.get("type") != "Scaled"]
             changes["lastScaleTime"] = now
@@ -180,7 +176,7 @@ class GroupLoop:
 
     def _event(self, body: dict[str, Any], reason: str, message: str) -> None:
         meta = body["metadata"]
-        now = _now()
+        now = timestamp()
         self.core.create_namespaced_event(meta["namespace"], {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {"apiVersion": body["apiVersion"], "kind": body["kind"],

@@ -31,13 +31,17 @@ class Reconciled:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def now() -> str:
+    """A Kubernetes timestamp (lastTransitionTime, lastScaleTime, Events)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def ready_condition(ready: bool, reason: str, message: str, generation: int | None,
                     previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A `Ready` condition; lastTransitionTime moves only when the status flips."""
     status = "True" if ready else "False"
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     before = next((c for c in previous or [] if c.get("type") == "Ready"), None)
-    since = before["lastTransitionTime"] if before and before.get("status") == status else now
+    since = before["lastTransitionTime"] if before and before.get("status") == status else now()
     return {"type": "Ready", "status": status, "reason": reason, "message": message,
             "lastTransitionTime": since, "observedGeneration": generation}
 

@@ -11,16 +11,17 @@ import kopf
 import psycopg
 import psycopg_pool
 from kubernetes.client.exceptions import ApiException
-from urllib3.exceptions import HTTPError
+
+from gristmill.sandbox.pod import api_trouble
 
 FIRST_DELAY_S, MAX_DELAY_S = 1.0, 60.0
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, ApiException):
-        return exc.status in (0, 409, 429) or exc.status >= 500  # 0: no answer at all
-    return isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout | HTTPError |
-                      OSError)
+    if isinstance(exc, ApiException) and exc.status == 409:  # a conflict: read, write again
+        return True
+    return api_trouble(exc) or isinstance(exc, psycopg.OperationalError |
+                                          psycopg_pool.PoolTimeout)
 
 
 def backoff_delay(retry: int) -> float:

@@ -17,7 +17,6 @@ import asyncio
 import codecs
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import math
@@ -211,7 +210,7 @@ class PodExecutor:
             return await self._follow(name, request, marker, on_output, cancel)
         finally:
             # Also when the create's answer was lost: the pod may exist all the same.
-            await asyncio.get_running_loop().run_in_executor(self.threads, self._delete, name)
+            await self._delete(name)
 
     async def _follow(self, name: str, request: JobRequest, marker: str,
                       on_output: Callable[[str], None], cancel: asyncio.Event) -> JobOutcome:
@@ -231,18 +230,21 @@ class PodExecutor:
         # broke (an API server restart) while the job goes on.
         return await self._after_stream(name, marker, deadline, timeout_s, cancel)
 
-    async def _read(self, name: str) -> dict[str, Any]:
-        """The pod, riding out a few seconds of API server trouble."""
-        for attempt in itertools.count():
+    async def _retrying(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`_call`, riding out a few seconds of API server trouble."""
+        for attempt in range(READ_RETRIES):
             try:
-                response = await self._call(self.core.read_namespaced_pod, name,
-                                            self.namespace, _preload_content=False)
-                return json.loads(response.data)
+                return await self._call(function, *args, **kwargs)
             except Exception as exc:
-                if attempt >= READ_RETRIES or not _transient(exc):
+                if not api_trouble(exc):
                     raise
                 await asyncio.sleep(min(0.5 * 2 ** attempt, 8.0))
-        raise AssertionError("unreachable")
+        return await self._call(function, *args, **kwargs)
+
+    async def _read(self, name: str) -> dict[str, Any]:
+        response = await self._retrying(self.core.read_namespaced_pod, name, self.namespace,
+                                        _preload_content=False)
+        return json.loads(response.data)
 
     async def _wait_started(self, name: str, cancel: asyncio.Event) -> JobOutcome | None:
         loop = asyncio.get_running_loop()
@@ -286,7 +288,7 @@ class PodExecutor:
                             _request_timeout=(5, 86400))  # quiet jobs: QUIET_S
                         break
                     except Exception as exc:
-                        if attempt == 2 or not _transient(exc):
+                        if attempt == 2 or not api_trouble(exc):
                             raise
                         time.sleep(1)
                 opened.append(response)
@@ -363,29 +365,24 @@ class PodExecutor:
         return failure("exit", f"the job pod exited with code {code} ({reason}) before "
                                f"reporting an outcome")
 
-    def _delete(self, name: str) -> None:
+    async def _delete(self, name: str) -> None:
         """Delete the pod; never raises, so that a job's outcome is never lost to it (a pod
         left behind goes with its worker pod)."""
-        for attempt in range(READ_RETRIES + 1):
-            try:
-                self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0,
-                                                _request_timeout=REQUEST_TIMEOUT)
-                return
-            except ApiException as exc:
-                if exc.status == 404:
-                    return
-                if not _transient(exc):
-                    break
-            except Exception as exc:  # noqa: BLE001
-                if not _transient(exc):
-                    break
-            time.sleep(min(0.5 * 2 ** attempt, 8.0))
-        log.warning("could not delete job pod %s; it goes when its worker pod goes", name)
+        try:
+            await self._retrying(self.core.delete_namespaced_pod, name, self.namespace,
+                                 grace_period_seconds=0)
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("could not delete job pod %s (%s); it goes when its worker pod "
+                            "goes", name, _api_message(exc))
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("could not delete job pod %s (%s); it goes when its worker pod goes",
+                        name, exc)
 
 
-def _transient(exc: BaseException) -> bool:
-    """An API server error worth another try (the operator's retrying.py says the same for
-    its handlers; the sandbox does not import the operator)."""
+def api_trouble(exc: BaseException) -> bool:
+    """An API server error worth another try: no answer, throttled, or a server error
+    (the operator's retrying.py builds on it)."""
     if isinstance(exc, ApiException):
         return exc.status in (0, 429) or exc.status >= 500
     return isinstance(exc, HTTPError | OSError)

@@ -24,9 +24,10 @@ from typing import Any
 import psycopg
 
 from gristmill.flows import catalog
+from gristmill.flows.evaluator import evaluator
 from gristmill.flows.plan import ON_FAILURE, FlowPlan, Indices, parse_path, step_path
 from gristmill.spec import InputError, check_input, parse_duration
-from gristmill.spec.expressions import ExpressionError, evaluate, referenced_steps
+from gristmill.spec.expressions import ExpressionError, referenced_steps
 from gristmill.store import flows as flow_store
 from gristmill.store import queue
 from gristmill.store import scripts as script_store
@@ -118,7 +119,7 @@ class RunEngine:
         info = self.plan.steps[step_id]
         ctx = await self.context(step_id, indices, info.reads | extra_reads)
         try:
-            return evaluate(expression, ctx)
+            return await evaluator.evaluate(expression, ctx)
         except ExpressionError as exc:
             raise StepFailure(_error("expression", f"step {step_id} {what}: {exc}",
                                      step_id)) from None
@@ -362,7 +363,7 @@ class RunEngine:
             return
         ctx = await self.context(None, (), frozenset(referenced_steps(output)))
         try:
-            result = evaluate(output, ctx)
+            result = await evaluator.evaluate(output, ctx)
         except ExpressionError as exc:
             await self.finish("failed", error=_error("expression", f"output: {exc}"))
             return

@@ -226,10 +226,17 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    import psycopg
+
     from gristmill.dev.manifests import apply_paths
 
     url = _database_url(args)
-    report = asyncio.run(apply_paths(url, args.paths))
+    try:
+        report = asyncio.run(apply_paths(url, args.paths))
+    except (psycopg.Error, OSError) as exc:
+        print(f"gristmill: cannot apply to the database: {' '.join(str(exc).split())}",
+              file=sys.stderr)
+        return 1
     for line in report.lines():
         print(line)
     return 1 if report.errors else 0

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from gristmill.spec.problems import SHOWN, clip
+from gristmill.values import ValueProblem, check_json
 
 API_VERSION = "gristmill.io/v1alpha1"
 KINDS: dict[str, type[BaseModel]] = {}  # filled by spec/__init__.py
@@ -277,6 +278,11 @@ def _validate(doc: Any, source: str, index: int) -> tuple[BaseModel | None, list
                                             f"supported; use {API_VERSION}", kind, name,
                                     "apiVersion")]
     model = KINDS[kind]
+    try:
+        check_json(doc, "")  # what PostgreSQL's jsonb cannot store: NUL, NaN, depth
+    except ValueProblem as exc:
+        return None, [ManifestError(source, exc.reason, kind, name,
+                                    exc.where.lstrip(".") or None)]
     try:
         return model.model_validate(doc), []
     except ValidationError as exc:

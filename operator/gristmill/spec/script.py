@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from gristmill.spec import python_inputs
 from gristmill.spec.meta import ObjectMeta
 from gristmill.spec.quantities import CpuQuantity, Duration, MemoryQuantity
+from gristmill.values import ValueProblem, check_json
 
 MAX_CODE_LENGTH = 1 << 20  # characters (1 MiB of ASCII): larger programs belong in an image
 # Python code longer than this is parsed in a child process with a memory cap (parsing
@@ -24,6 +25,7 @@ MAX_CODE_LENGTH = 1 << 20  # characters (1 MiB of ASCII): larger programs belong
 PARSE_IN_PROCESS_LIMIT = 64 * 1024
 PARSE_MEMORY_BYTES = 2 << 30
 CODE_CHECK_TIMEOUT_S = 30.0
+MAX_SCHEMA_DEPTH = 32  # nesting of an input JSON Schema
 
 _REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?\s*"
                           r"((===?|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+\s*,?\s*)*$")
@@ -100,6 +102,12 @@ class ScriptSpec(_Strict):
                                  f"'requests==2.32.3'")
         return requirements
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_is_shallow(cls, schema: Any) -> Any:
+        check_schema_depth(schema)
+        return schema
+
     @field_validator("input")
     @classmethod
     def _input_is_a_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -144,6 +152,15 @@ class ScriptSpec(_Strict):
 
     def content_hash(self) -> str:
         return content_hash(self)
+
+
+def check_schema_depth(schema: Any) -> None:
+    """An input schema nested deeper than any real one is refused before jsonschema reads it
+    (it recurses: a schema 10,000 levels deep was a RecursionError)."""
+    try:
+        check_json(schema, "schema", max_depth=MAX_SCHEMA_DEPTH)
+    except ValueProblem as exc:
+        raise ValueError(exc.reason) from None
 
 
 def _check_python(code: str) -> dict[str, Any]:

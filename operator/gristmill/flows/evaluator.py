@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -71,13 +72,20 @@ def context_units(value: Any, limit: int) -> int:
     return units
 
 
+# Children die with the thread that started them (PR_SET_PDEATHSIG is per thread), so they
+# are started from this one thread, which lives as long as the process, never from an
+# event loop's executor thread that goes away with its loop.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cel-spawner")
+
+
 class _Child:
     """One evaluating process, answering one request at a time."""
 
     def __init__(self, memory_bytes: int):
-        self.process = subprocess.Popen(
+        self.process = _SPAWNER.submit(
+            subprocess.Popen,
             [sys.executable, "-m", "gristmill.flows.cel_child", str(memory_bytes)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).result()
         if self._read(1, time.monotonic() + 30) != cel_child.READY:
             self.kill()
             raise ExpressionError("the expression evaluator did not start")
@@ -164,8 +172,8 @@ class Evaluator:
                              separators=(",", ":"), default=str).encode()
         child = self._checkout()
         answer = child.ask(request, self.budget.seconds)
-        if isinstance(answer, dict):
-            self._checkin(child)
+        if isinstance(answer, dict) and answer.get("error") != "memory":
+            self._checkin(child)  # a child that ran out of memory may be half broken
         else:
             self._discard(child)
         budget = (f"the budget of one evaluation is {self.budget.seconds:g} s and "
@@ -176,18 +184,24 @@ class Evaluator:
                 f"{budget}. A macro (map, filter, all, exists) over a long list, or one "
                 f"nested in another, costs that much; do such work in a Script step")
         if answer == "died" or answer.get("error") == "memory":
-            raise ExpressionError(f"{shown(compiled.source)} was stopped: it needed more "
-                                  f"memory than {budget}; do such work in a Script step")
+            raise ExpressionError(f"{shown(compiled.source)} was stopped: it needed more than "
+                                  f"{self.budget.memory_bytes >> 20} MiB of memory ({budget}); "
+                                  f"do such work in a Script step")
         if "error" in answer:
             raise ExpressionError(f"{shown(compiled.source)}: {answer['error']}")
         return answer["value"]
 
     def _checkout(self) -> _Child:
         with self._lock:
-            while not self._idle and self._started >= self.budget.children:
+            while True:
+                while self._idle and self._idle[-1].process.poll() is not None:
+                    self._idle.pop().kill()  # died while idle (killed from outside)
+                    self._started -= 1
+                if self._idle:
+                    return self._idle.pop()
+                if self._started < self.budget.children:
+                    break
                 self._lock.wait()
-            if self._idle:
-                return self._idle.pop()
             self._started += 1
         try:
             return _Child(self.budget.memory_bytes)

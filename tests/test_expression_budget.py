@@ -215,3 +215,29 @@ async def test_loop_variables_in_a_running_flow(flows_db, database_url):
 async def flows_db(db):
     await apply_yaml(db, SCRIPTS)
     return db
+
+
+async def test_one_advance_has_a_budget_for_all_its_expressions(flows_db, database_url,
+                                                                monkeypatch):
+    """A forEach starting ten iterations at once whose inputs each run out of time: the
+    advance stops evaluating when its total budget is spent, not after ten budgets."""
+    from gristmill.flows import engine
+    monkeypatch.setattr(engine, "EXPRESSIONS_PER_ADVANCE_S", 1.5)
+    await apply_yaml(flows_db, flow("many", f"""
+        steps:
+          - id: each
+            forEach: "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"
+            parallelism: 10
+            steps:
+              - id: blow
+                script: echo
+                continueOnError: true
+                input: {{value: "{HOSTILE}"}}
+    """))
+    run = await wait_run(flows_db, await start_flow(flows_db, "many", BIG_INPUT))
+    assert run.status == "succeeded", run.error
+    messages = [item["error"]["message"] for item in run.result]
+    stopped = sum("was stopped" in m for m in messages)  # by time (1 s, then 0.5 s) or memory
+    skipped = sum("not evaluated: this advance of the flow already spent 1.5 s" in m
+                  for m in messages)
+    assert stopped + skipped == 10 and skipped >= 7, messages

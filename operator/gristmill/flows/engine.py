@@ -15,6 +15,7 @@ when due; their completion comes back here like any other.
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,9 @@ from gristmill.store.flows import FlowRun, StepRow
 
 CONTROL_TAG = "_control"
 ACTIVE = ("sleeping", "running", "suspended")
+# Each evaluation has its own budget (1 s); one advance (a job's end and all that follows
+# in its transaction: a forEach starting 100 iterations, say) has this much in all.
+EXPRESSIONS_PER_ADVANCE_S = 5.0
 
 
 class FlowError(Exception):
@@ -64,6 +68,7 @@ class Effects:
 
     jobs: list[queue.NewJob] = field(default_factory=list)
     cancel_jobs: list[uuid.UUID] = field(default_factory=list)
+    expression_seconds: float = 0.0  # spent evaluating, against EXPRESSIONS_PER_ADVANCE_S
     moves: deque[tuple[RunEngine, Callable[..., Awaitable[None]], tuple]] = field(
         default_factory=deque)
 
@@ -119,10 +124,22 @@ class RunEngine:
         info = self.plan.steps[step_id]
         ctx = await self.context(step_id, indices, info.reads | extra_reads)
         try:
-            return await evaluator.evaluate(expression, ctx)
+            return await self._timed_evaluation(expression, ctx)
         except ExpressionError as exc:
             raise StepFailure(_error("expression", f"step {step_id} {what}: {exc}",
                                      step_id)) from None
+
+    async def _timed_evaluation(self, expression: str, ctx: dict[str, Any]) -> Any:
+        remaining = EXPRESSIONS_PER_ADVANCE_S - self.effects.expression_seconds
+        if remaining <= 0:
+            raise ExpressionError(f"not evaluated: this advance of the flow already spent "
+                                  f"{EXPRESSIONS_PER_ADVANCE_S:g} s on expressions (their "
+                                  f"budget); make the expressions cheaper")
+        started = time.monotonic()
+        try:
+            return await evaluator.evaluate(expression, ctx, seconds=remaining)
+        finally:
+            self.effects.expression_seconds += time.monotonic() - started
 
     # ---- starting steps ----------------------------------------------------------------
 
@@ -363,7 +380,7 @@ class RunEngine:
             return
         ctx = await self.context(None, (), frozenset(referenced_steps(output)))
         try:
-            result = await evaluator.evaluate(output, ctx)
+            result = await self._timed_evaluation(output, ctx)
         except ExpressionError as exc:
             await self.finish("failed", error=_error("expression", f"output: {exc}"))
             return

@@ -147,17 +147,17 @@ class Evaluator:
         limit = self.budget.inline_units // (analysis.references + 1)
         return context_units(context, limit) <= limit
 
-    async def evaluate(self, expression: str | CompiledExpression,
-                       context: dict[str, Any]) -> Any:
+    async def evaluate(self, expression: str | CompiledExpression, context: dict[str, Any],
+                       seconds: float | None = None) -> Any:
         """The JSON value of `expression` in `context`; ExpressionError, naming the
-        expression, when it fails or exceeds the budget."""
+        expression, when it fails or exceeds the budget (or `seconds`, when less)."""
         compiled = (compile_expression(expression) if isinstance(expression, str)
                     else expression)
         read = {name: context[name] for name in compiled.analysis.free_variables
                 if name in context}  # what is not read costs nothing to convert
         if self.is_cheap(compiled, read):
             return self.evaluate_inline(compiled, read)
-        return await asyncio.to_thread(self.evaluate_guarded, compiled, read)
+        return await asyncio.to_thread(self.evaluate_guarded, compiled, read, seconds)
 
     def evaluate_inline(self, compiled: CompiledExpression, context: dict[str, Any]) -> Any:
         try:
@@ -165,13 +165,15 @@ class Evaluator:
         except cel_child.EvaluationFailed as exc:
             raise ExpressionError(f"{shown(compiled.source)}: {exc}") from None
 
-    def evaluate_guarded(self, compiled: CompiledExpression, context: dict[str, Any]) -> Any:
+    def evaluate_guarded(self, compiled: CompiledExpression, context: dict[str, Any],
+                         seconds: float | None = None) -> Any:
         """Blocking: evaluate in a child process, killed past the budget (call from a
         thread)."""
+        seconds = self.budget.seconds if seconds is None else min(seconds, self.budget.seconds)
         request = json.dumps({"expression": compiled.source, "context": context},
                              separators=(",", ":"), default=str).encode()
         child = self._checkout()
-        answer = child.ask(request, self.budget.seconds)
+        answer = child.ask(request, seconds)
         if isinstance(answer, dict) and answer.get("error") != "memory":
             self._checkin(child)  # a child that ran out of memory may be half broken
         else:
@@ -180,7 +182,7 @@ class Evaluator:
                   f"{self.budget.memory_bytes >> 20} MiB")
         if answer == "timeout":
             raise ExpressionError(
-                f"{shown(compiled.source)} was stopped after {self.budget.seconds:g} s: "
+                f"{shown(compiled.source)} was stopped after {seconds:.3g} s: "
                 f"{budget}. A macro (map, filter, all, exists) over a long list, or one "
                 f"nested in another, costs that much; do such work in a Script step")
         if answer == "died" or answer.get("error") == "memory":

@@ -22,7 +22,13 @@ from gristmill.spec.expressions import (
 from gristmill.spec.meta import ObjectMeta
 from gristmill.spec.problems import clip, some_of, summarize
 from gristmill.spec.quantities import Duration
-from gristmill.spec.script import EnvVar, ScriptSpec, check_schema_depth, content_hash
+from gristmill.spec.script import (
+    EnvVar,
+    ScriptSpec,
+    check_schema_depth,
+    check_storable,
+    content_hash,
+)
 
 STEP_ID_PATTERN = r"^[a-z_][a-z0-9_]*$"
 ACTIONS = ("script", "inline", "branchOne", "branchAll", "forEach", "flow")
@@ -182,6 +188,7 @@ class FlowSpec(_Strict):
     @classmethod
     def _bounded(cls, data: Any) -> Any:
         check_size(data)
+        check_storable(data)
         if isinstance(data, dict) and "input" in data:
             try:
                 check_schema_depth(data["input"])

@@ -93,6 +93,12 @@ class ScriptSpec(_Strict):
                                                            "from main() for Python when absent.")
     _inferred_input: dict[str, Any] | None = PrivateAttr(None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        check_storable(data)
+        return data
+
     @field_validator("requirements")
     @classmethod
     def _requirements_look_right(cls, requirements: list[str]) -> list[str]:
@@ -152,6 +158,15 @@ class ScriptSpec(_Strict):
 
     def content_hash(self) -> str:
         return content_hash(self)
+
+
+def check_storable(data: Any) -> None:
+    """Refuse what PostgreSQL's jsonb cannot store (NUL, NaN, over-deep nesting), naming the
+    field, so a spec applied through Kubernetes fails its check, not its database write."""
+    try:
+        check_json(data, "")
+    except ValueProblem as exc:
+        raise ValueError(f"{exc.where.lstrip('.') or 'spec'}: {exc.reason}") from None
 
 
 def check_schema_depth(schema: Any) -> None:

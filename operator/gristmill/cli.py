@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="write one file per CRD here (e.g. crds/)")
     p.set_defaults(func=cmd_crds)
 
-    p = sub.add_parser("apply", help="store Script manifests in the database (no cluster)")
+    p = sub.add_parser("apply", help="store Script and Flow manifests in the database (no cluster)")
     p.add_argument("paths", nargs="+")
     db_args(p)
     p.set_defaults(func=cmd_apply)

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gristmill.flows import cel_child
@@ -72,6 +73,9 @@ def context_units(value: Any, limit: int) -> int:
     return units
 
 
+# The children import the same gristmill as this process, wherever it was imported from.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
 # Children die with the thread that started them (PR_SET_PDEATHSIG is per thread), so they
 # are started from this one thread, which lives as long as the process, never from an
 # event loop's executor thread that goes away with its loop.
@@ -82,10 +86,12 @@ class _Child:
     """One evaluating process, answering one request at a time."""
 
     def __init__(self, memory_bytes: int):
+        path = os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
         self.process = _SPAWNER.submit(
             subprocess.Popen,
             [sys.executable, "-m", "gristmill.flows.cel_child", str(memory_bytes)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).result()
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": path}).result()
         if self._read(1, time.monotonic() + 30) != cel_child.READY:
             self.kill()
             raise ExpressionError("the expression evaluator did not start")

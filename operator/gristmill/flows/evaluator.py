@@ -43,7 +43,7 @@ from gristmill.spec.expressions import (
 @dataclass(frozen=True)
 class Budget:
     seconds: float = 1.0  # wall time of one guarded evaluation
-    memory_bytes: int = 1 << 30  # address space of an evaluating child
+    memory_bytes: int = 512 << 20  # address space of an evaluating child (the API pod: 512Mi)
     inline_units: int = 50_000  # context size x references that may run inline
     children: int = 4  # guarded evaluations at once, per process
 

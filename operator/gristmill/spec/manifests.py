@@ -346,7 +346,12 @@ def load_manifests(paths: Iterable[str | Path]) -> LoadResult:
         if not root.exists():
             result.errors.append(ManifestError(str(root), "no such file or directory"))
             continue
-        for file in _manifest_files(root):
+        try:
+            files = _manifest_files(root)
+        except OSError as exc:  # a symlink loop, a directory we may not read
+            result.errors.append(ManifestError(str(root), f"cannot list it: {exc}"))
+            continue
+        for file in files:
             try:
                 text = _read_manifest(file)
             except ManifestError as exc:

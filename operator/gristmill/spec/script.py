@@ -23,7 +23,7 @@ MAX_CODE_LENGTH = 1 << 20  # characters (1 MiB of ASCII): larger programs belong
 # Python code longer than this is parsed in a child process with a memory cap (parsing
 # costs ~400 bytes per byte of code: 1 MiB took 0.4-0.5 GB); shorter code, in process.
 PARSE_IN_PROCESS_LIMIT = 64 * 1024
-PARSE_MEMORY_BYTES = 2 << 30
+PARSE_MEMORY_BYTES = 1 << 30
 CODE_CHECK_TIMEOUT_S = 30.0
 MAX_SCHEMA_DEPTH = 32  # nesting of an input JSON Schema
 

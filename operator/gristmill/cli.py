@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gristmill.client import ApiError, Client, default_server
+from gristmill.client import SUBMIT_RETRY_S, ApiError, Client, default_server
 
 
 class UsageError(Exception):
@@ -68,8 +68,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"input": _read_input(args)}
     if args.priority is not None:
         body["priority"] = args.priority
-    submit = client.submit_script if args.what == "script" else client.submit_flow
-    submitted = submit(args.namespace, args.name, body)
+    # A fresh Idempotency-Key for this invocation: a submit retried after a dropped
+    # connection or a 503 is the same request to the server, never a second run.
+    submitted = client.submit(f"{args.what}s", args.namespace, args.name, body,
+                              retry_for=SUBMIT_RETRY_S,
+                              on_retry=lambda note: print(f"gristmill: {note}", file=sys.stderr))
     if not args.wait:
         if args.output == "json":
             _print_json(submitted)
@@ -213,14 +216,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    from gristmill.api.app import ApiSettings
     from gristmill.api.server import serve
     from gristmill.store.migrate import migrate_url
 
     url = _database_url(args)
+    settings = ApiSettings(database_url=url, pool_size=args.pool_size,
+                           database_retry_s=args.database_retry,
+                           follow_fallback_s=args.follow_fallback_interval)
 
     async def main(stop: asyncio.Event) -> None:
         await migrate_url(url)
-        await serve(url, args.host, args.port, stop)
+        await serve(settings, args.host, args.port, stop)
 
     return _run_until_signalled(main)
 
@@ -368,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     db_args(p)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--pool-size", type=int, default=8, help="database connections (%(default)s)")
+    p.add_argument("--database-retry", type=float, default=5.0, metavar="SECONDS",
+                   help="how long a request retries a database that is away before it is "
+                        "answered 503 (%(default)s)")
+    p.add_argument("--follow-fallback-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="followed logs are woken by notifications; without one they are "
+                        "re-read this often (%(default)s)")
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("migrate", help="create or upgrade the database schema")

@@ -7,13 +7,13 @@ import logging
 
 from aiohttp import web
 
-from gristmill.api.app import create_app
+from gristmill.api.app import ApiSettings, create_app
 
 log = logging.getLogger("gristmill.api")
 
 
-async def serve(database_url: str, host: str, port: int, stop: asyncio.Event) -> None:
-    runner = web.AppRunner(create_app(database_url), access_log=None)
+async def serve(settings: ApiSettings | str, host: str, port: int, stop: asyncio.Event) -> None:
+    runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -7,14 +7,19 @@ from collections.abc import Sequence
 
 import psycopg
 
-from gristmill.store import queries
+from gristmill.store import notifications, queries
+from gristmill.values import clean_text
 
 
 async def append(conn: psycopg.AsyncConnection, chunks: Sequence[tuple[uuid.UUID, str]]) -> None:
+    """Store chunks and, at the same commit, wake the followers of their jobs (one NOTIFY
+    on notifications.LOGS_CHANNEL per batch, whatever its size)."""
     if chunks:
         await conn.execute(
             queries.APPEND_LOGS,
-            [[job_id for job_id, _ in chunks], [text.replace("\x00", "") for _, text in chunks]],
+            [[job_id for job_id, _ in chunks], [clean_text(text) for _, text in chunks],
+             notifications.LOGS_CHANNEL,
+             notifications.id_payloads(job_id for job_id, _ in chunks)],
         )
 
 

@@ -16,6 +16,9 @@ _ENDED = "id, status, flow_run_id, step_path, kind, input, result, error, attemp
 
 NOTIFY_JOBS = "SELECT pg_notify('gristmill_jobs', tag) FROM unnest(%s::text[]) AS t(tag)"
 NOTIFY_CANCEL = "SELECT pg_notify('gristmill_cancel', %s)"
+NOTIFY_IDS = "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS t(payload)"
+LISTEN = "LISTEN {}"  # the channel, quoted as an identifier
+PING = "SELECT 1"
 
 # --- scripts -----------------------------------------------------------------
 
@@ -160,6 +163,13 @@ SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, inp
 FROM jobs WHERE id = %s
 """
 
+# Whether a job has ended, in the cheapest read there is: a followed log's stop test.
+JOB_STATUS = """
+SELECT status FROM jobs WHERE id = %(id)s
+UNION ALL SELECT status FROM job_history WHERE id = %(id)s
+LIMIT 1
+"""
+
 GET_FINISHED_JOB = """
 SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input, result,
        error, attempts, NULL::int AS max_attempts, worker_id, created_at,
@@ -207,8 +217,12 @@ AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.worker_id = w.id)
 
 # --- logs --------------------------------------------------------------------
 
+# The chunks and the wake-up of their followers, in one statement (one commit).
 APPEND_LOGS = """
-INSERT INTO job_logs (job_id, chunk) SELECT * FROM unnest(%s::uuid[], %s::text[])
+WITH appended AS (
+    INSERT INTO job_logs (job_id, chunk) SELECT * FROM unnest(%s::uuid[], %s::text[])
+)
+SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS t(payload)
 """
 
 READ_LOGS = """
@@ -331,3 +345,27 @@ UPDATE flow_iterations SET result = %s WHERE run_id = %s AND path = %s AND index
 ITERATION_RESULTS = """
 SELECT result FROM flow_iterations WHERE run_id = %s AND path = %s ORDER BY index
 """
+
+# --- idempotency keys ------------------------------------------------------------
+
+# One holder per key at a time, until its transaction ends: a concurrent duplicate
+# learns the key is busy instead of racing it to a second run.
+LOCK_IDEMPOTENCY_KEY = """
+SELECT pg_try_advisory_xact_lock(hashtextextended(%s || '/' || %s || '/' || %s, 0))
+"""
+
+GET_IDEMPOTENCY_KEY = """
+SELECT fingerprint, status, response FROM idempotency_keys
+WHERE namespace = %s AND route = %s AND key = %s AND created_at > now() - %s
+"""
+
+# A row past its lifetime that retention has not deleted yet is replaced.
+PUT_IDEMPOTENCY_KEY = """
+INSERT INTO idempotency_keys (namespace, route, key, fingerprint, status, response)
+VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (namespace, route, key) DO UPDATE SET
+    fingerprint = excluded.fingerprint, status = excluded.status,
+    response = excluded.response, created_at = now()
+"""
+
+DELETE_EXPIRED_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at <= now() - %s"

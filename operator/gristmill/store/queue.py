@@ -18,7 +18,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from gristmill.store import queries
+from gristmill.store import notifications, queries
 
 JOBS_CHANNEL = "gristmill_jobs"
 CANCEL_CHANNEL = "gristmill_cancel"
@@ -86,6 +86,13 @@ def statuses(ended: Sequence[EndedJob]) -> dict[uuid.UUID, str]:
 
 async def _ended(cur: psycopg.AsyncCursor) -> list[EndedJob]:
     return [EndedJob(*row) for row in await cur.fetchall()]
+
+
+async def _notify_ended(conn: psycopg.AsyncConnection, jobs: Sequence[EndedJob]) -> None:
+    """Tell log followers (the API) which jobs ended: one NOTIFY per statement that ended
+    any, delivered at its commit."""
+    await notifications.send_ids(conn, notifications.ENDED_CHANNEL,
+                                 [job.id for job in jobs if job.status != "requeued"])
 
 
 @dataclass(frozen=True)
@@ -174,7 +181,9 @@ async def finish(
             "retry_delays": [o.retry_delay for o in outcomes],
         },
     )
-    return await _ended(cur)
+    ended = await _ended(cur)
+    await _notify_ended(conn, ended)
+    return ended
 
 
 async def hand_back(
@@ -199,6 +208,7 @@ async def reap(conn: psycopg.AsyncConnection, lease: dt.timedelta) -> list[Ended
     }
     cur = await conn.execute(queries.REAP, {"lease": lease, "error": Jsonb(error)})
     reaped = await _ended(cur)
+    await _notify_ended(conn, reaped)
     if any(job.status == "requeued" for job in reaped):
         # The requeued jobs' tags are not at hand here; a broadcast wake is cheap and rare.
         await conn.execute("SELECT pg_notify(%s, '*')", [JOBS_CHANNEL])
@@ -219,6 +229,7 @@ async def cancel(
     error = {"kind": "cancelled", "message": reason}
     cur = await conn.execute(queries.CANCEL_QUEUED, {"ids": list(job_ids), "error": Jsonb(error)})
     ended = await _ended(cur)
+    await _notify_ended(conn, ended)
     cur = await conn.execute(queries.CANCEL_RUNNING, [list(job_ids)])
     signalled = [row[0] for row in await cur.fetchall()]
     for job_id in signalled:
@@ -243,6 +254,13 @@ async def get_job(conn: psycopg.AsyncConnection, job_id: uuid.UUID) -> dict[str,
         if row:
             return row
     return None
+
+
+async def job_status(conn: psycopg.AsyncConnection, job_id: uuid.UUID) -> str | None:
+    """queued, running, succeeded, failed or cancelled; None for an unknown job."""
+    cur = await conn.execute(queries.JOB_STATUS, {"id": job_id})
+    row = await cur.fetchone()
+    return row[0] if row else None
 
 
 async def queue_depth(conn: psycopg.AsyncConnection) -> dict[str, dict[str, float]]:

@@ -57,8 +57,8 @@ def _submit_request(body: dict[str, Any], scheduled: bool) -> SubmitRequest:
     if not isinstance(run_input, dict):
         raise RunError(400, "input must be a JSON object such as {\"name\": \"world\"}")
     priority = body.get("priority")
-    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)
-                                 or not -100 <= priority <= 100):
+    if "priority" in body and (not isinstance(priority, int) or isinstance(priority, bool)
+                               or not -100 <= priority <= 100):
         raise RunError(400, "priority must be an integer from -100 to 100")
     return SubmitRequest(input=run_input, priority=priority,
                          scheduled_for=params.scheduled_for(body) if scheduled else None)

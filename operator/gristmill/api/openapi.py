@@ -15,6 +15,8 @@ _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 _NULLABLE_ID = {"type": ["string", "null"], "format": "uuid"}
 _RUN_STATUS = {"type": "string",
                "enum": ["queued", "running", "succeeded", "failed", "cancelled"]}
+# Text that is stored: PostgreSQL holds no NUL character.
+_TEXT = {"type": "string", "minLength": 1, "maxLength": 253, "pattern": "^[^\\u0000]*$"}
 _ERROR_VALUE = {"type": ["object", "null"],
                 "description": "What went wrong: kind, message and, in a flow, step."}
 
@@ -147,10 +149,8 @@ SCHEMAS: dict[str, Any] = {
     "DecisionRequest": {
         "type": "object",
         "properties": {
-            "step": {"type": "string", "minLength": 1, "maxLength": 253,
-                     "description": "The suspended step's path, when several wait"},
-            "by": {"type": "string", "minLength": 1, "maxLength": 253,
-                   "description": "Who decides (default: api)"},
+            "step": {**_TEXT, "description": "The suspended step's path, when several wait"},
+            "by": {**_TEXT, "description": "Who decides (default: api)"},
         },
         "additionalProperties": False,
     },
@@ -164,8 +164,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "RestartRequest": {
         "type": "object",
-        "properties": {"fromStep": {"type": "string", "minLength": 1, "maxLength": 253,
-                                    "description": "A top-level step id"}},
+        "properties": {"fromStep": {**_TEXT, "description": "A top-level step id"}},
         "required": ["fromStep"],
         "additionalProperties": False,
     },
@@ -290,24 +289,42 @@ def _operation(operation_id: str, summary: str, responses: dict[str, Any],
     return operation
 
 
+# What a client can do next with the id a submit returns (schemathesis follows these).
+_RUN_LINKS = {
+    name: {"operationId": operation, "parameters": {"id": "$response.body#/id"}}
+    for name, operation in (("GetRun", "getRun"), ("GetRunLogs", "getRunLogs"),
+                            ("CancelRun", "cancelRun"))
+}
+_FLOW_RUN_LINKS = {
+    **_RUN_LINKS,
+    **{name: {"operationId": operation, "parameters": {"id": "$response.body#/id"}}
+       for name, operation in (("ApproveStep", "approveStep"), ("RejectStep", "rejectStep"),
+                               ("RestartRun", "restartRun"))},
+}
+
 _WRITE_ERRORS = ("400", "404", "409", "413", "415", "503")
 _SUBMIT_ERRORS = ("400", "404", "409", "413", "415", "422", "503")
-_SUBMITTED = {"201": {
-    **_json("The run, queued (or the first response again, for a repeated Idempotency-Key)",
-            "SubmittedRun"),
-    "headers": {idempotency.REPLAYED_HEADER: {
-        "schema": {"const": "true"},
-        "description": "Present when this is the stored response to an earlier request "
-                       "with the same Idempotency-Key"}},
-}}
+
+
+def _submitted(links: dict[str, Any]) -> dict[str, Any]:
+    return {"201": {
+        **_json("The run, queued (or the first response again, for a repeated "
+                "Idempotency-Key)", "SubmittedRun"),
+        "headers": {idempotency.REPLAYED_HEADER: {
+            "schema": {"const": "true"},
+            "description": "Present when this is the stored response to an earlier request "
+                           "with the same Idempotency-Key"}},
+        "links": links,
+    }}
+
 
 PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/namespaces/{namespace}/scripts/{name}/runs": {"post": _operation(
-        "submitScriptRun", "Start a run of a Script", _SUBMITTED,
+        "submitScriptRun", "Start a run of a Script", _submitted(_RUN_LINKS),
         ["namespace", "scriptName", "idempotencyKey"], _SUBMIT_ERRORS,
         _body("ScriptRunRequest", False, {"input": {"name": "world"}}))},
     "/api/v1/namespaces/{namespace}/flows/{name}/runs": {"post": _operation(
-        "submitFlowRun", "Start a run of a Flow", _SUBMITTED,
+        "submitFlowRun", "Start a run of a Flow", _submitted(_FLOW_RUN_LINKS),
         ["namespace", "flowName", "idempotencyKey"], _SUBMIT_ERRORS,
         _body("FlowRunRequest", False, {"input": {"batch": "b-42", "count": 2}}))},
     "/api/v1/runs/{id}": {"get": _operation(

@@ -17,6 +17,7 @@ FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 SUBMIT_RETRY_S = 60.0  # how long `run` keeps retrying a submit the server could not take
+REFUSED_RETRY_S = 5.0  # ... and a server that refuses connections (restarting, or not there)
 
 
 class ApiError(Exception):
@@ -24,10 +25,11 @@ class ApiError(Exception):
     `status` is the HTTP status (None when there was no answer)."""
 
     def __init__(self, message: str, status: int | None = None,
-                 retry_after: float | None = None):
+                 retry_after: float | None = None, refused: bool = False):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.refused = refused  # nothing listens there: the request never arrived
 
     @property
     def retryable(self) -> bool:
@@ -71,10 +73,11 @@ class Client:
             raise ApiError(message, exc.code, _retry_after(exc.headers.get("Retry-After"))
                            ) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc or type(exc).__name__
-            raise ApiError(f"cannot reach the Gristmill API at {self.server} ({reason}); "
-                           f"start it with `gristmill dev` or pass --server / set "
-                           f"GRISTMILL_SERVER") from None
+            reason = getattr(exc, "reason", None) or exc
+            raise ApiError(f"cannot reach the Gristmill API at {self.server} "
+                           f"({str(reason) or type(reason).__name__}); start it with "
+                           f"`gristmill dev` or pass --server / set GRISTMILL_SERVER",
+                           refused=isinstance(reason, ConnectionRefusedError)) from None
 
     def _json(self, method: str, path: str, body: Any = None,
               headers: dict[str, str] | None = None) -> Any:
@@ -95,13 +98,14 @@ class Client:
         if retry_for <= 0:
             return self._json("POST", path, body)
         headers = {"Idempotency-Key": str(uuid.uuid4())}
-        deadline = time.monotonic() + retry_for
+        start = time.monotonic()
         delay = 0.2
         while True:
             try:
                 return self._json("POST", path, body, headers=headers)
             except ApiError as exc:
-                if not exc.retryable or time.monotonic() + delay > deadline:
+                budget = min(retry_for, REFUSED_RETRY_S) if exc.refused else retry_for
+                if not exc.retryable or time.monotonic() + delay > start + budget:
                     raise
                 wait = min(exc.retry_after, 5.0) if exc.retry_after is not None else delay
                 if on_retry:
@@ -146,8 +150,17 @@ class Client:
         """Poll a run until it ends (or the timeout passes) and return it."""
         deadline = time.monotonic() + timeout if timeout else None
         delay = 0.02
+        unavailable_since = None
         while True:
-            run = self.get_run(run_id)
+            try:
+                run = self.get_run(run_id)
+                unavailable_since = None
+            except ApiError as exc:  # the run goes on while the API is briefly away
+                unavailable_since = unavailable_since or time.monotonic()
+                if not exc.retryable or time.monotonic() - unavailable_since > SUBMIT_RETRY_S:
+                    raise
+                time.sleep(min(exc.retry_after or 1.0, 5.0))
+                continue
             if run["status"] in FINAL_STATUSES:
                 return run
             if deadline and time.monotonic() > deadline:

@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-retry", type=float, default=5.0, metavar="SECONDS",
                    help="how long a request retries a database that is away before it is "
                         "answered 503 (%(default)s)")
-    p.add_argument("--follow-fallback-interval", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--follow-fallback-interval", type=float, default=30.0, metavar="SECONDS",
                    help="followed logs are woken by notifications; without one they are "
                         "re-read this often (%(default)s)")
     p.set_defaults(func=cmd_api)

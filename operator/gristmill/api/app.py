@@ -33,7 +33,7 @@ class ApiSettings:
     database_url: str
     pool_size: int = 8
     database_retry_s: float = 5.0  # how long a request rides out a database restart
-    follow_fallback_s: float = 10.0  # a followed log is re-read this often without a wake-up
+    follow_fallback_s: float = 30.0  # a followed log is re-read this often without a wake-up
     max_body_bytes: int = params.MAX_BODY_BYTES
 
 

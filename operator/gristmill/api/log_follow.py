@@ -17,14 +17,14 @@ import logging
 import random
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import psycopg
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from gristmill.api.database import Database, DatabaseUnavailable
-from gristmill.store import logs, notifications, queue
+from gristmill.store import logs, notifications
 
 log = logging.getLogger("gristmill.api")
 
@@ -134,9 +134,7 @@ async def stream_job_log(request: web.Request, response: web.StreamResponse, db:
     client leaves."""
 
     async def read(conn: psycopg.AsyncConnection) -> tuple[str | None, list[tuple[int, str]]]:
-        # Status first: a job's logs are stored before it is seen finished.
-        status = await queue.job_status(conn, job_id)
-        return status, await logs.read(conn, job_id, after, READ_BATCH)
+        return await logs.read_followed(conn, job_id, after, READ_BATCH)
 
     FOLLOWERS.inc()
     try:
@@ -162,11 +160,3 @@ async def stream_job_log(request: web.Request, response: web.StreamResponse, db:
     finally:
         FOLLOWERS.dec()
 
-
-async def write_guarded(write: Callable[[], Awaitable[None]]) -> bool:
-    """Run a write to a streaming response; False when the client has gone."""
-    try:
-        await write()
-    except (ConnectionResetError, ConnectionAbortedError):
-        return False
-    return True

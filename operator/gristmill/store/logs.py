@@ -28,3 +28,15 @@ async def read(
 ) -> list[tuple[int, str]]:
     cur = await conn.execute(queries.READ_LOGS, [job_id, after_seq, limit])
     return list(await cur.fetchall())
+
+
+async def read_followed(
+    conn: psycopg.AsyncConnection, job_id: uuid.UUID, after_seq: int, limit: int = 1000
+) -> tuple[str | None, list[tuple[int, str]]]:
+    """The job's status (None if unknown) and its chunks after `after_seq`, read in one
+    snapshot: a status that says the job ended comes with all of its log."""
+    cur = await conn.execute(queries.READ_FOLLOWED_LOG,
+                             {"id": job_id, "after": after_seq, "limit": limit})
+    rows = await cur.fetchall()
+    status = rows[0][0] if rows else None
+    return status, [(seq, chunk) for _, seq, chunk in rows if seq is not None]

@@ -163,13 +163,6 @@ SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, inp
 FROM jobs WHERE id = %s
 """
 
-# Whether a job has ended, in the cheapest read there is: a followed log's stop test.
-JOB_STATUS = """
-SELECT status FROM jobs WHERE id = %(id)s
-UNION ALL SELECT status FROM job_history WHERE id = %(id)s
-LIMIT 1
-"""
-
 GET_FINISHED_JOB = """
 SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input, result,
        error, attempts, NULL::int AS max_attempts, worker_id, created_at,
@@ -223,6 +216,19 @@ WITH appended AS (
     INSERT INTO job_logs (job_id, chunk) SELECT * FROM unnest(%s::uuid[], %s::text[])
 )
 SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS t(payload)
+"""
+
+# A followed log: the job's status and the chunks after a seq, in one statement, so one
+# snapshot: if the job shows as ended, every chunk it stored (before ending) is here.
+READ_FOLLOWED_LOG = """
+SELECT (SELECT status FROM jobs WHERE id = %(id)s
+        UNION ALL SELECT status FROM job_history WHERE id = %(id)s LIMIT 1),
+       l.seq, l.chunk
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (
+    SELECT seq, chunk FROM job_logs WHERE job_id = %(id)s AND seq > %(after)s
+    ORDER BY seq LIMIT %(limit)s
+) AS l ON true
 """
 
 READ_LOGS = """

@@ -256,13 +256,6 @@ async def get_job(conn: psycopg.AsyncConnection, job_id: uuid.UUID) -> dict[str,
     return None
 
 
-async def job_status(conn: psycopg.AsyncConnection, job_id: uuid.UUID) -> str | None:
-    """queued, running, succeeded, failed or cancelled; None for an unknown job."""
-    cur = await conn.execute(queries.JOB_STATUS, {"id": job_id})
-    row = await cur.fetchone()
-    return row[0] if row else None
-
-
 async def queue_depth(conn: psycopg.AsyncConnection) -> dict[str, dict[str, float]]:
     """Per tag: due queued jobs, running jobs and the age of the oldest due job."""
     cur = await conn.execute(queries.QUEUE_DEPTH_BY_TAG)

@@ -178,43 +178,6 @@ def test_metrics_report_the_queue(dev):
     assert "gristmill_queue_oldest_job_age_seconds" in text
 
 
-def test_ctrl_c_stops_cleanly_and_the_data_dir_is_reusable(dev):
-    process = dev["process"]
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) == 0
-    output = process.stdout.read()
-    assert "Traceback" not in output and "stopping" in output
-    port = free_port()
-    command = [*dev["command"][:-4], "--port", str(port), *dev["command"][-2:]]
-    again = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, cwd=dev["root"])
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", again)
-        done = gristmill("run", "script", "hello", "--wait", server=f"http://127.0.0.1:{port}")
-        assert json.loads(done.stdout) == {"greeting": "Hello, world."}
-    finally:
-        again.send_signal(signal.SIGINT)
-        assert again.wait(timeout=60) == 0
-
-
-def test_missing_bubblewrap_is_one_line_with_the_fix(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python3").symlink_to(sys.executable)
-    result = gristmill("worker", "--database-url", "postgresql://nowhere/x",
-                       env={"PATH": str(bin_dir)})
-    assert result.returncode == 1
-    assert result.stderr.strip() == ("gristmill: bubblewrap (bwrap) not found; install it with: "
-                                     "apt-get install -y bubblewrap")
-
-
-def test_unreachable_server_says_how_to_fix_it():
-    result = gristmill("get", "run", "3f2b8c4e-1d2a-4b6e-9f10-2a3b4c5d6e7f",
-                       server=f"http://127.0.0.1:{free_port()}")
-    assert result.returncode == 1
-    assert "cannot reach the Gristmill API" in result.stderr and "gristmill dev" in result.stderr
-
-
 class FlakyProxy(http.server.ThreadingHTTPServer):
     """Sits between the CLI and the API: the first POST reaches the API but its answer is
     dropped (the connection closes), the second gets a 503, the rest pass through."""
@@ -301,3 +264,41 @@ def test_run_retries_a_dropped_or_refused_submit_without_a_second_run(dev):
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+def test_ctrl_c_stops_cleanly_and_the_data_dir_is_reusable(dev):
+    process = dev["process"]
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 0
+    output = process.stdout.read()
+    assert "Traceback" not in output and "stopping" in output
+    port = free_port()
+    command = [*dev["command"][:-4], "--port", str(port), *dev["command"][-2:]]
+    again = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, cwd=dev["root"])
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", again)
+        done = gristmill("run", "script", "hello", "--wait", server=f"http://127.0.0.1:{port}")
+        assert json.loads(done.stdout) == {"greeting": "Hello, world."}
+    finally:
+        again.send_signal(signal.SIGINT)
+        assert again.wait(timeout=60) == 0
+
+
+def test_missing_bubblewrap_is_one_line_with_the_fix(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    result = gristmill("worker", "--database-url", "postgresql://nowhere/x",
+                       env={"PATH": str(bin_dir)})
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("gristmill: bubblewrap (bwrap) not found; install it with: "
+                                     "apt-get install -y bubblewrap")
+
+
+def test_unreachable_server_says_how_to_fix_it():
+    result = gristmill("get", "run", "3f2b8c4e-1d2a-4b6e-9f10-2a3b4c5d6e7f",
+                       server=f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "cannot reach the Gristmill API" in result.stderr and "gristmill dev" in result.stderr
+

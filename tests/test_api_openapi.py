@@ -52,7 +52,7 @@ async def test_schemathesis_finds_nothing_with_every_check_on(database_url, tmp_
             [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run",
              f"{url}/api/v1/openapi.json", "--checks", "all", "--max-examples", "80",
              "--workers", "1", "--request-timeout", "10", "--no-color"],
-            capture_output=True, text=True, timeout=280)
+            capture_output=True, text=True, timeout=280, cwd=tmp_path)  # its cache stays out
         assert process.poll() is None
     report = result.stdout[-6000:]
     assert result.returncode == 0, report

@@ -11,9 +11,13 @@ _HISTORY_COLUMNS = (
     " flow_run_id, step_path"
 )
 # What every statement that ends jobs returns, for the flow engine to advance on.
-_ENDED = "id, status, flow_run_id, step_path, kind, input, result, error, attempts"
+# Only a timer's input is read back (it says which timer): a job's own input never is.
+_ENDED = ("id, status, flow_run_id, step_path, kind,"
+          " CASE WHEN kind = 'timer' THEN input END AS input, result, error, attempts")
 
 
+LISTEN_JOBS = "LISTEN gristmill_jobs"
+LISTEN_CANCEL = "LISTEN gristmill_cancel"
 NOTIFY_JOBS = "SELECT pg_notify('gristmill_jobs', tag) FROM unnest(%s::text[]) AS t(tag)"
 NOTIFY_CANCEL = "SELECT pg_notify('gristmill_cancel', %s)"
 
@@ -55,7 +59,14 @@ SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
                      %s::int[], %s::uuid[], %s::text[], %s::jsonb[], %s::float8[])
 """
 
-CLAIM = "SELECT * FROM gristmill_claim_jobs(%s, %s, %s)"
+# The input comes back as text, parsed per job: a value Python cannot load fails that job,
+# never the claim of every job beside it.
+CLAIM = """
+SELECT id, namespace, kind, script_name, script_hash, tag, priority, input::text AS input,
+       attempt, max_attempts, created_at, scheduled_for, started_at, flow_run_id, step_path,
+       retry_policy, timeout_s
+FROM gristmill_claim_jobs(%s, %s, %s)
+"""
 
 # Requeue failed attempts that have attempts left (unless cancelled), then move
 # every other finished attempt to history, in one statement. An outcome only
@@ -183,11 +194,13 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopping = false
 """
 
 # Heartbeat renews the lease on all of a worker's jobs at once and reports
-# which of them someone asked to cancel.
+# whether the worker is still registered and which of its jobs someone asked to cancel.
 HEARTBEAT = """
 WITH beat AS (UPDATE workers SET heartbeat_at = now() WHERE id = %(worker)s RETURNING id)
-SELECT j.id FROM jobs j
-WHERE j.worker_id = %(worker)s AND j.status = 'running' AND j.cancel_requested
+SELECT EXISTS (SELECT 1 FROM beat) AS registered,
+       ARRAY(SELECT j.id FROM jobs j
+             WHERE j.worker_id = %(worker)s AND j.status = 'running' AND j.cancel_requested
+            ) AS cancel
 """
 
 DEREGISTER_WORKER = "DELETE FROM workers WHERE id = %s"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -174,12 +175,31 @@ def _run_until_signalled(main) -> int:
     return asyncio.run(runner())
 
 
+async def _migrate_when_reachable(url: str, stop: asyncio.Event) -> bool:
+    """Migrate, waiting for the database while it is away (a process that starts with its
+    database must not die of it); False when told to stop first."""
+    from gristmill.store import connections
+    from gristmill.store.migrate import migrate_url
+
+    backoff = connections.Backoff(first=0.5, cap=10)
+    while not stop.is_set():
+        try:
+            await migrate_url(url)
+            return True
+        except connections.TRANSIENT_ERRORS as exc:
+            delay = backoff.next_delay()
+            logging.getLogger("gristmill").warning(
+                "database unreachable (%s); retrying in %.1fs", str(exc).strip(), delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+    return False
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     import datetime as dt
 
     from gristmill.sandbox import process
-    from gristmill.store.migrate import migrate_url
-    from gristmill.worker.loop import Worker, WorkerConfig
+    from gristmill.worker.loop import Worker, WorkerConfig, WorkerCrashed
 
     url = _database_url(args)
     pods = None
@@ -193,11 +213,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise UsageError("--tags needs at least one tag, e.g. --tags python,bash")
     config = WorkerConfig(database_url=url, tags=tags, concurrency=args.concurrency,
                           lease=dt.timedelta(seconds=args.lease), grace_period=args.grace_period,
-                          poll_interval=args.poll_interval)
+                          poll_interval=args.poll_interval, stall_after=args.stall_after,
+                          health_port=args.health_port or None)
 
-    async def main(stop: asyncio.Event) -> None:
-        await migrate_url(url)
-        await Worker(config, pods or process.ProcessExecutor()).run(stop)
+    async def main(stop: asyncio.Event) -> int:
+        if not await _migrate_when_reachable(url, stop):
+            return 0
+        try:
+            await Worker(config, pods or process.ProcessExecutor()).run(stop)
+        except WorkerCrashed as exc:
+            print(f"gristmill: {exc}; exiting for a restart", file=sys.stderr)
+            return 1
+        return 0
 
     return _run_until_signalled(main)
 
@@ -358,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to finish running jobs on SIGTERM before handing them back")
     p.add_argument("--poll-interval", type=float, default=1.0,
                    help="seconds between claims when no notification arrives")
+    p.add_argument("--health-port", type=int, default=0,
+                   help="serve the liveness probe GET /healthz on this port (0: none)")
+    p.add_argument("--stall-after", type=float, default=60.0,
+                   help="liveness: seconds a loop may go without success (%(default)s)")
     p.add_argument("--executor", choices=["process", "pod"], default="process",
                    help="process: a sandboxed process here; pod: a Kubernetes pod per job")
     p.add_argument("--job-image", help="pod executor: the job pods' image "

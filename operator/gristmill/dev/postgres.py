@@ -158,6 +158,12 @@ class EmbeddedPostgres:
                   str(self.port), "-U", "gristmill", name)
         return self.url(name)
 
+    def restart(self) -> None:
+        """Stop and start the server with the same options (what `pg_ctl restart` does on a
+        real host: every client connection breaks)."""
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w",
+                  "-t", "60", "-l", str(self.data_dir / "postgres.log"), "restart")
+
     def stop(self) -> None:
         if self.initialised():
             self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w",

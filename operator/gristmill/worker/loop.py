@@ -244,51 +244,48 @@ class Worker:
         for task in stuck:  # an executor that ignores its cancel event
             task.cancel()
         ids = [r.job.id for r in leftovers]
-        try:
-            await self._flush_logs_retrying()
-            returned = await self._retrying(
-                lambda conn: queue.hand_back(conn, self.id, ids), LAST_WRITES_S)
+        await self._last_write("the logs of the jobs handed back", self._flush_logs)
+        returned = await self._last_write(
+            "the hand-back", lambda: self._db(lambda conn: queue.hand_back(conn, self.id, ids)))
+        if returned is not None:
             log.warning("handed back %d unfinished jobs to the queue", len(returned))
-        except connections.TRANSIENT_ERRORS as exc:
-            log.error("could not hand back %d jobs (%s); they return to the queue when this "
-                      "worker's lease runs out", len(ids), exc)
         for job_id in ids:
             self._running.pop(job_id, None)
 
     async def _last_writes(self) -> None:
         """Outcomes and logs still buffered, then deregistration, while the database lets us."""
+        await self._last_write("the last outcomes", self._flush_all_outcomes)
+        await self._last_write("the last logs", self._flush_logs)
+        await self._last_write("deregistration",
+                               lambda: self._db(lambda conn: workers.deregister(conn, self.id)))
+
+    async def _flush_all_outcomes(self) -> None:
+        while self._outcomes:
+            await self._flush_outcomes()
+
+    async def _last_write(self, what: str, write: Callable[[], Awaitable[T]]) -> T | None:
+        """One of the writes on the way out, retried for LAST_WRITES_S while the database is
+        away; a failure is logged, never raised: the way out must go on."""
         deadline = time.monotonic() + LAST_WRITES_S
         backoff = connections.Backoff()
-        while time.monotonic() < deadline:
+        while True:
             try:
-                while self._outcomes:
-                    await self._flush_outcomes()
-                await self._flush_logs()
-                await self._db(lambda conn: workers.deregister(conn, self.id))
-                return
+                return await write()
             except connections.TRANSIENT_ERRORS as exc:
-                log.warning("final writes failed (%s); retrying", exc)
-                await asyncio.sleep(backoff.next_delay())
-        log.error("stopped with %d outcomes unwritten: the database stayed away; their jobs "
-                  "return to the queue when this worker's lease runs out", len(self._outcomes))
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(backoff.next_delay())
+                    continue
+                log.error("gave up on %s: the database stayed away (%s); running jobs return "
+                          "to the queue when this worker's lease runs out", what, exc)
+            except Exception:
+                log.exception("%s failed", what)
+            return None
 
     # ---- the database ----------------------------------------------------------
 
     async def _db(self, work: Callable[[Any], Awaitable[T]]) -> T:
         async with self._pool.connection() as conn:
             return await work(conn)
-
-    async def _retrying(self, work: Callable[[Any], Awaitable[T]], budget_s: float) -> T:
-        """`work` on a pooled connection, retrying transient errors for up to `budget_s`."""
-        deadline = time.monotonic() + budget_s
-        backoff = connections.Backoff()
-        while True:
-            try:
-                return await self._db(work)
-            except connections.TRANSIENT_ERRORS:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(backoff.next_delay())
 
     # ---- claiming ------------------------------------------------------------
 
@@ -519,17 +516,6 @@ class Worker:
                 for job_id, parts in buffered.items():  # kept, in order, for the next try
                     self._log_buffer[job_id][:0] = parts
                 raise
-
-    async def _flush_logs_retrying(self) -> None:
-        deadline = time.monotonic() + LAST_WRITES_S
-        backoff = connections.Backoff()
-        while True:
-            try:
-                return await self._flush_logs()
-            except connections.TRANSIENT_ERRORS:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(backoff.next_delay())
 
     # ---- heartbeats, cancellation, reaping ------------------------------------------
 

@@ -164,16 +164,18 @@ WHERE id = ANY (%s) AND status = 'running' AND NOT cancel_requested RETURNING id
 
 ACTIVE_JOBS_OF_FLOW_RUN = "SELECT id, step_path FROM jobs WHERE flow_run_id = %s"
 
+# Inputs come back as text and are parsed by queue.get_job: one that Python cannot load
+# must not make the job unreadable.
 GET_ACTIVE_JOB = """
-SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input,
+SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input::text AS input,
        NULL::jsonb AS result, last_error AS error, attempt AS attempts, max_attempts, worker_id,
        created_at, scheduled_for, started_at, NULL::timestamptz AS finished_at
 FROM jobs WHERE id = %s
 """
 
 GET_FINISHED_JOB = """
-SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input, result,
-       error, attempts, NULL::int AS max_attempts, worker_id, created_at,
+SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input::text AS input,
+       result, error, attempts, NULL::int AS max_attempts, worker_id, created_at,
        NULL::timestamptz AS scheduled_for, started_at, finished_at
 FROM job_history WHERE id = %s
 """

@@ -254,6 +254,10 @@ async def get_job(conn: psycopg.AsyncConnection, job_id: uuid.UUID) -> dict[str,
         await cur.execute(query, [job_id])
         row = await cur.fetchone()
         if row:
+            try:
+                row["input"] = values.loads(row["input"], "input")
+            except values.ValueProblem:
+                row["input"] = None  # shown as absent; the job itself says why it failed
             return row
     return None
 

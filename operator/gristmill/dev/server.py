@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from gristmill.store.migrate import migrate_url
 
 log = logging.getLogger("gristmill.dev")
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
 RELOAD_INTERVAL_S = 1.0
 WORKER_STOP_TIMEOUT_S = 15.0
 
@@ -53,6 +56,17 @@ def _manifest_snapshot(paths: list[str]) -> dict[str, tuple[float, int]]:
     return snapshot
 
 
+def _terminate_with_parent(parent: int):
+    """A preexec_fn asking the kernel to SIGTERM the child when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arrange() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arrange
+
+
 class WorkerPool:
     """N `gristmill worker` processes serving every tag, restarted when they die."""
 
@@ -63,10 +77,11 @@ class WorkerPool:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         env = {**os.environ, "GRISTMILL_DATABASE_URL": self.database_url}
-        # A session of its own: Ctrl-C reaches `dev`, which stops workers in order.
+        # A session of its own: Ctrl-C reaches `dev`, which stops workers in order. And
+        # SIGTERM when `dev` dies, even of SIGKILL: no worker outlives it.
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gristmill.cli", "worker", "--tags", "*", "--concurrency", "1",
-            env=env, start_new_session=True)
+            env=env, start_new_session=True, preexec_fn=_terminate_with_parent(os.getpid()))
 
     async def start(self) -> None:
         self.processes = [await self._spawn() for _ in range(self.count)]
@@ -107,6 +122,10 @@ async def _reload_forever(url: str, paths: list[str], names: set[tuple[str, str]
             print(f"[reload] {line}", flush=True)
 
 
+def _without_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
 async def run_dev(options: DevOptions, stop: asyncio.Event) -> int:
     check_sandbox_available()
     for path in options.paths:
@@ -138,7 +157,8 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> int:
         if tasks[0].done():
             tasks[0].result()
         print(f"gristmill dev: API on http://{options.host}:{options.port}, "
-              f"{options.workers} worker(s), database {url}\n"
+              f"{options.workers} worker(s), database "
+              f"{server.display_url() if server else _without_password(url)}\n"
               f"  try: gristmill run script NAME --input '{{...}}' --wait   (Ctrl-C to stop)",
               flush=True)
         stop_wait = asyncio.create_task(stop.wait())

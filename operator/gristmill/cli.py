@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -196,8 +197,6 @@ async def _migrate_when_reachable(url: str, stop: asyncio.Event) -> bool:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import datetime as dt
-
     from gristmill.sandbox import process
     from gristmill.worker.loop import Worker, WorkerConfig, WorkerCrashed
 
@@ -239,15 +238,42 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retention(text: str) -> dt.timedelta:
+    """--retention: how long finished runs, their results and logs are kept."""
+    from gristmill.housekeeping import MIN_RETENTION
+    from gristmill.spec import parse_duration
+
+    try:
+        retention = dt.timedelta(seconds=parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if retention < MIN_RETENTION:
+        raise argparse.ArgumentTypeError(f"{text} is less than a day; history is kept in day "
+                                         f"partitions, so keep it for 1d or more")
+    return retention
+
+
+def _retention_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retention", type=_retention, default="30d",
+                   help="keep finished runs, results and logs this long, e.g. 7d or 90d "
+                        "(%(default)s)")
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     from gristmill.api.server import serve
-    from gristmill.store.migrate import migrate_url
+    from gristmill.housekeeping import run_housekeeping
 
     url = _database_url(args)
 
     async def main(stop: asyncio.Event) -> None:
-        await migrate_url(url)
-        await serve(url, args.host, args.port, stop)
+        if not await _migrate_when_reachable(url, stop):
+            return
+        housekeeping = asyncio.create_task(run_housekeeping(url, args.retention, stop))
+        try:
+            await serve(url, args.host, args.port, stop)
+        finally:
+            stop.set()
+            await housekeeping
 
     return _run_until_signalled(main)
 
@@ -268,6 +294,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         os.environ["GRISTMILL_DATABASE_URL"] = args.database_url
     os.environ["GRISTMILL_METRICS_PORT"] = str(args.metrics_port)
     os.environ["GRISTMILL_AUTOSCALE_INTERVAL"] = str(args.autoscale_interval)
+    os.environ["GRISTMILL_RETENTION_SECONDS"] = str(args.retention.total_seconds())
     import kopf
 
     import gristmill.operator.handlers  # noqa: F401  (registers the handlers)
@@ -300,7 +327,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     options = DevOptions(
         paths=args.paths, database_url=args.database_url or os.environ.get("GRISTMILL_DATABASE_URL"),
         data_dir=Path(args.data_dir), workers=args.workers or os.cpu_count() or 1,
-        host=args.host, port=args.port,
+        host=args.host, port=args.port, retention=args.retention,
     )
     return _run_until_signalled(lambda stop: run_dev(options, stop))
 
@@ -324,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="local workers (default: cores)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    _retention_arg(p)
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("run", help="submit a run")
@@ -399,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_args(p)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
+    _retention_arg(p)
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("migrate", help="create or upgrade the database schema")
@@ -414,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prometheus /metrics port (0: none)")
     p.add_argument("--autoscale-interval", type=float, default=5.0,
                    help="seconds between autoscaling decisions (%(default)s)")
+    _retention_arg(p)
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("crds", help="print (or write) the CustomResourceDefinitions")

@@ -7,7 +7,6 @@ from typing import Any
 from gristmill import labels
 from gristmill.spec import WorkerGroup
 
-
 HEALTH_PORT = 8081
 
 

@@ -235,6 +235,33 @@ SELECT seq, chunk FROM job_logs WHERE job_id = %s AND seq > %s ORDER BY seq LIMI
 ENSURE_PARTITIONS = "SELECT gristmill_ensure_partitions(%s, %s, %s)"
 DROP_PARTITIONS_BEFORE = "SELECT gristmill_drop_partitions_before(%s, %s)"
 
+# One housekeeper at a time, whatever the number of replicas (a session lock: each step
+# commits on its own, so none holds locks that finishing workers wait for).
+HOUSEKEEPING_LOCK = 0x6772_686B  # "grhk"
+TRY_HOUSEKEEPING_LOCK = f"SELECT pg_try_advisory_lock({HOUSEKEEPING_LOCK})"
+RELEASE_HOUSEKEEPING_LOCK = f"SELECT pg_advisory_unlock({HOUSEKEEPING_LOCK})"
+
+# Rows a skewed clock put in the default partitions age out like the others.
+PURGE_DEFAULT_HISTORY = "DELETE FROM job_history_default WHERE finished_at < %s"
+PURGE_DEFAULT_LOGS = "DELETE FROM job_logs_default WHERE created_at < %s"
+
+# A batch of finished top-level flow runs past retention (their steps, iterations and
+# sub-flow runs go with them).
+DELETE_EXPIRED_FLOW_RUNS = """
+DELETE FROM flow_runs WHERE id IN (
+    SELECT id FROM flow_runs
+    WHERE parent_run_id IS NULL AND finished_at < %s
+      AND status IN ('succeeded', 'failed', 'cancelled')
+    LIMIT %s)
+"""
+
+# The first day still kept of the history (partitions are named <table>_pYYYYMMDD).
+OLDEST_HISTORY_PARTITION = """
+SELECT min(to_date(right(c.relname, 8), 'YYYYMMDD')) FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'job_history'::regclass AND c.relname ~ '^job_history_p[0-9]{8}$'
+"""
+
 # --- flows ---------------------------------------------------------------------
 
 PUT_FLOW_VERSION = """

@@ -57,6 +57,8 @@ def find_server_binaries() -> Path:
 def _free_port(wanted: int = 0) -> int:
     """`wanted` if it is free on 127.0.0.1, else any free port."""
     with socket.socket() as s:
+        # As the server binds: connections of its last run, in TIME_WAIT, do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", wanted))
         except OSError:

@@ -22,7 +22,6 @@ import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import start_http_server
-from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
 from gristmill.housekeeping import DEFAULT_RETENTION, run_housekeeping
@@ -33,6 +32,7 @@ from gristmill.operator.groups import GroupLoop
 from gristmill.operator.job_runner import job_runner_objects
 from gristmill.operator.retrying import retried_when_transient
 from gristmill.spec import WorkerGroup
+from gristmill.store import connections
 from gristmill.store.migrate import migrate_url
 
 log = logging.getLogger("gristmill.operator")
@@ -52,8 +52,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     url = os.environ["GRISTMILL_DATABASE_URL"]
     await migrate_url(url)  # like the API and the workers: whoever starts first creates it
-    memo.pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False,
-                                    kwargs={"autocommit": True})
+    memo.pool = connections.pool(url, size=4, min_size=1, name="operator")
     await memo.pool.open(wait=True, timeout=60)
     if METRICS_PORT:
         start_http_server(METRICS_PORT)

@@ -37,15 +37,18 @@ async def connect(url: str) -> psycopg.AsyncConnection:
     return await psycopg.AsyncConnection.connect(url, **_CONNECTION_OPTIONS)
 
 
-def pool(url: str, size: int, name: str, wait_s: float = 10.0) -> psycopg_pool.AsyncConnectionPool:
-    """A pool of autocommit connections, opened by `async with` or `open()`.
+def pool(url: str, size: int, name: str, wait_s: float = 10.0, min_size: int | None = None
+         ) -> psycopg_pool.AsyncConnectionPool:
+    """A pool of up to `size` autocommit connections (`min_size` kept open, default all),
+    opened by `async with` or `open()`.
 
     A connection that breaks (a restarted server) is discarded when it is returned and
     replaced in the background; the caller retries on TRANSIENT_ERRORS. `wait_s` bounds
     how long a caller waits for a connection before PoolTimeout.
     """
     return psycopg_pool.AsyncConnectionPool(
-        url, min_size=size, max_size=size, name=name, open=False, timeout=wait_s,
+        url, min_size=size if min_size is None else min_size, max_size=size, name=name,
+        open=False, timeout=wait_s,
         kwargs=dict(_CONNECTION_OPTIONS),
         # Keep trying to reconnect for as long as the process lives: a database that is
         # down for ten minutes must not leave a pool that stopped trying.

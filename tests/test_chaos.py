@@ -11,22 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import aiohttp
 import psycopg
 import pytest
-from flowkit import apply_yaml, script
+from flowkit import apply_yaml_at, script
 from test_worker_healing import free_port
-
-from gristmill.dev.postgres import EmbeddedPostgres
-from gristmill.store.migrate import migrate_url
 
 MANIFESTS = script("work", """
     import time
@@ -99,18 +93,9 @@ class Fleet:
 
 
 @pytest.fixture
-async def chaos_postgres():
-    base = Path(tempfile.mkdtemp(prefix="gristmill-chaos-pg-", dir="/tmp"))
-    server = EmbeddedPostgres(base, durable=True)  # a restart must lose nothing committed
-    url = await asyncio.to_thread(server.start)
-    await migrate_url(url)
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as db:
-        await apply_yaml(db, MANIFESTS)
-    try:
-        yield server, url
-    finally:
-        await asyncio.to_thread(server.stop)
-        shutil.rmtree(base, ignore_errors=True)
+async def chaos_postgres(private_postgres):
+    await apply_yaml_at(private_postgres[1], MANIFESTS)
+    return private_postgres
 
 
 async def submit(session: aiohttp.ClientSession, api: str, kind: str, n: int, ms: int = 30

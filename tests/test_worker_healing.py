@@ -7,55 +7,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 
 import psycopg
 import pytest
-from flowkit import apply_yaml, script
-from test_worker import start_worker
+from flowkit import apply_yaml_at
+from test_worker import SCRIPTS, start_worker
 
-from gristmill.dev.postgres import EmbeddedPostgres
 from gristmill.store import queue
 from gristmill.store import scripts as script_store
-from gristmill.store.migrate import migrate_url
 from gristmill.worker.liveness import Liveness
-
-SCRIPTS = (
-    script("nap", """
-        import time
-
-        def main(seconds: float = 1.0, label: str = ""):
-            print("starting", label, flush=True)
-            time.sleep(seconds)
-            return label
-    """)
-    + script("double", "def main(x: int = 1):\n    return x * 2\n")
-)
 
 
 @pytest.fixture
-async def private_postgres():
-    """A server of this test's own: restarting it must not disturb the other tests."""
-    base = Path(tempfile.mkdtemp(prefix="gristmill-restart-pg-", dir="/tmp"))
-    server = EmbeddedPostgres(base, durable=False)
-    url = await asyncio.to_thread(server.start)
-    await migrate_url(url)
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as db:
-        await apply_yaml(db, SCRIPTS)
-    try:
-        yield server, url
-    finally:
-        await asyncio.to_thread(server.stop)
-        shutil.rmtree(base, ignore_errors=True)
+async def restartable(private_postgres):
+    await apply_yaml_at(private_postgres[1], SCRIPTS)
+    return private_postgres
 
 
 def free_port() -> int:
@@ -118,8 +91,8 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
-async def test_worker_serves_again_after_database_restarts(private_postgres):
-    server, url = private_postgres
+async def test_worker_serves_again_after_database_restarts(restartable):
+    server, url = restartable
     port = free_port()
     worker = start_worker(url, "--health-port", str(port), "--stall-after", "3")
     try:
@@ -132,7 +105,7 @@ async def test_worker_serves_again_after_database_restarts(private_postgres):
             done = await wait_status(url, during, ("succeeded", "failed"))
             assert done["status"] == "succeeded" and done["attempts"] == 1
             # ...and new work is claimed, through a pool and a LISTEN that reconnected.
-            after = await submit(url, "double", {"x": 21})
+            after = await submit(url, "quick", {"x": 21})
             assert (await wait_status(url, after, ("succeeded", "failed")))["result"] == 42
         await wait_health(port, 200)
 
@@ -142,7 +115,7 @@ async def test_worker_serves_again_after_database_restarts(private_postgres):
         assert stalled["status"] == "stalled"
         await asyncio.to_thread(server.start)
         await wait_health(port, 200)
-        last = await submit(url, "double", {"x": 1})
+        last = await submit(url, "quick", {"x": 1})
         assert (await wait_status(url, last, ("succeeded", "failed")))["result"] == 2
         assert worker.poll() is None  # nobody restarted it
     finally:
@@ -150,8 +123,8 @@ async def test_worker_serves_again_after_database_restarts(private_postgres):
 
 
 async def test_sigterm_with_every_slot_busy_hands_back_within_the_grace_period(
-        private_postgres):
-    _, url = private_postgres
+        restartable):
+    _, url = restartable
     worker = start_worker(url, "--grace-period", "2")  # concurrency 2
     long_jobs = [await submit(url, "nap", {"seconds": 120, "label": str(i)}) for i in range(2)]
     for job_id in long_jobs:
@@ -164,8 +137,8 @@ async def test_sigterm_with_every_slot_busy_hands_back_within_the_grace_period(
         assert handed_back["status"] == "queued" and handed_back["attempts"] == 0
 
 
-async def test_a_loop_that_dies_stops_the_worker_loudly_and_hands_back(private_postgres):
-    _, url = private_postgres
+async def test_a_loop_that_dies_stops_the_worker_loudly_and_hands_back(restartable):
+    _, url = restartable
     worker = start_worker(url, stderr=subprocess.PIPE, text=True)
     try:
         running = await submit(url, "nap", {"seconds": 120, "label": "victim"})

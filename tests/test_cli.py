@@ -16,7 +16,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
+
+from gristmill.dev.postgres import EmbeddedPostgres
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -137,10 +140,8 @@ def test_bad_manifests_are_reported_and_nothing_of_them_applied(dev):
 
 
 def _database_url(dev) -> str:
-    for line in (dev["root"] / "data" / "postgres" / "pgdata" / "postmaster.pid").read_text(
-            ).splitlines()[3:4]:
-        return f"postgresql://gristmill@127.0.0.1:{line.strip()}/gristmill"
-    raise AssertionError("no running Postgres")
+    """The embedded server's URL: its port and password are kept in its data dir."""
+    return EmbeddedPostgres(dev["root"] / "data" / "postgres").url()
 
 
 def test_cancel_a_running_script(dev):
@@ -302,3 +303,38 @@ def test_unreachable_server_says_how_to_fix_it():
     assert result.returncode == 1
     assert "cannot reach the Gristmill API" in result.stderr and "gristmill dev" in result.stderr
 
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(child) for child in found.split()]
+
+
+def test_killed_dev_takes_its_workers_and_keeps_its_database_port(tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "gristmill.cli", "dev", str(EXAMPLES), "--port", str(port),
+               "--workers", "2", "--data-dir", str(tmp_path / "data")]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, cwd=tmp_path)
+    wait_healthy(f"http://127.0.0.1:{port}", first)
+    database = EmbeddedPostgres(tmp_path / "data" / "postgres")
+    workers = _children(first.pid)
+    assert len(workers) == 2
+    first.kill()  # SIGKILL: nothing of dev's own runs
+    first.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived gristmill dev"
+        time.sleep(0.2)
+    # Anyone who may not read the data dir's password cannot log in, even on 127.0.0.1.
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(f"postgresql://gristmill@127.0.0.1:{database.port}/gristmill").close()
+    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=tmp_path)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", second)
+        again = EmbeddedPostgres(tmp_path / "data" / "postgres")
+        assert again.port == database.port  # URLs given out before still work
+        psycopg.connect(again.url()).close()
+    finally:
+        second.send_signal(signal.SIGINT)
+        assert second.wait(timeout=60) == 0

@@ -188,3 +188,10 @@ def test_argocd_health_follows_the_ready_condition(status, generation, health):
         obj["status"] = status
     assert _argocd_health(obj)["status"] == health
 
+
+
+def test_the_api_is_ready_with_its_database_and_alive_without_it():
+    api = by_kind(render(), "Deployment")["gristmill-api"]["spec"]["template"]["spec"]
+    container = api["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"

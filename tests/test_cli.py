@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -9,7 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -174,6 +177,94 @@ def test_metrics_report_the_queue(dev):
         text = response.read().decode()
     assert "# TYPE gristmill_queue_jobs gauge" in text
     assert "gristmill_queue_oldest_job_age_seconds" in text
+
+
+class FlakyProxy(http.server.ThreadingHTTPServer):
+    """Sits between the CLI and the API: the first POST reaches the API but its answer is
+    dropped (the connection closes), the second gets a 503, the rest pass through."""
+
+    def __init__(self, upstream: str, script: list[str]):
+        self.upstream = upstream
+        self.script = script
+        self.seen: list[dict[str, str]] = []  # the headers of every POST
+        super().__init__(("127.0.0.1", 0), FlakyProxyHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class FlakyProxyHandler(http.server.BaseHTTPRequestHandler):
+    server: FlakyProxy
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.seen.append(dict(self.headers))
+        action = self.server.script.pop(0) if self.server.script else "pass"
+        if action == "503":
+            answer = b'{"error": "the database is unavailable (test)"}'
+            self.send_response(503)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+            return
+        request = urllib.request.Request(
+            self.server.upstream + self.path, data=body, method="POST",
+            headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, headers, answer = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as exc:
+            status, headers, answer = exc.code, exc.headers, exc.read()
+        if action == "drop":  # the run was made; the client never hears of it
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.send_response(status)
+        for name in ("Content-Type", "Idempotent-Replayed"):
+            if headers.get(name):
+                self.send_header(name, headers[name])
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+
+def _runs_with_input(dev, value: str) -> list[str]:
+    import psycopg
+
+    with psycopg.connect(_database_url(dev)) as conn:
+        rows = conn.execute(
+            "SELECT id FROM jobs WHERE input->>'name' = %(v)s UNION ALL "
+            "SELECT id FROM job_history WHERE input->>'name' = %(v)s", {"v": value}).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def test_run_retries_a_dropped_or_refused_submit_without_a_second_run(dev):
+    proxy = FlakyProxy(dev["server"], ["drop", "503"])
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        name = f"retry-{time.monotonic_ns()}"
+        done = gristmill("run", "script", "hello", "--input", json.dumps({"name": name}),
+                         server=proxy.url)
+        assert done.returncode == 0, done.stderr
+        assert "retrying" in done.stderr and "Traceback" not in done.stderr
+        keys = [headers["Idempotency-Key"] for headers in proxy.seen]
+        assert len(keys) == 3 and len(set(keys)) == 1  # three tries, one request
+        # The run the dropped answer announced is the only one, and the one printed.
+        assert _runs_with_input(dev, name) == [done.stdout.strip()]
+        again = gristmill("run", "script", "hello", "--input", json.dumps({"name": name}),
+                          server=proxy.url)
+        assert again.returncode == 0 and proxy.seen[-1]["Idempotency-Key"] not in keys
+        assert len(_runs_with_input(dev, name)) == 2  # a new invocation is a new run
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
 
 
 def test_ctrl_c_stops_cleanly_and_the_data_dir_is_reusable(dev):

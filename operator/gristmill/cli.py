@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gristmill.client import ApiError, Client, default_server
+from gristmill.client import SUBMIT_RETRY_S, ApiError, Client, default_server
 
 
 class UsageError(Exception):
@@ -70,8 +70,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"input": _read_input(args)}
     if args.priority is not None:
         body["priority"] = args.priority
-    submit = client.submit_script if args.what == "script" else client.submit_flow
-    submitted = submit(args.namespace, args.name, body)
+    # A fresh Idempotency-Key for this invocation: a submit retried after a dropped
+    # connection or a 503 is the same request to the server, never a second run.
+    submitted = client.submit(f"{args.what}s", args.namespace, args.name, body,
+                              retry_for=SUBMIT_RETRY_S,
+                              on_retry=lambda note: print(f"gristmill: {note}", file=sys.stderr))
     if not args.wait:
         if args.output == "json":
             _print_json(submitted)
@@ -260,17 +263,21 @@ def _retention_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    from gristmill.api.app import ApiSettings
     from gristmill.api.server import serve
     from gristmill.housekeeping import run_housekeeping
 
     url = _database_url(args)
+    settings = ApiSettings(database_url=url, pool_size=args.pool_size,
+                           database_retry_s=args.database_retry,
+                           follow_fallback_s=args.follow_fallback_interval)
 
     async def main(stop: asyncio.Event) -> None:
         if not await _migrate_when_reachable(url, stop):
             return
         housekeeping = asyncio.create_task(run_housekeeping(url, args.retention, stop))
         try:
-            await serve(url, args.host, args.port, stop)
+            await serve(settings, args.host, args.port, stop)
         finally:
             stop.set()
             await housekeeping
@@ -427,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     db_args(p)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--pool-size", type=int, default=8, help="database connections (%(default)s)")
+    p.add_argument("--database-retry", type=float, default=5.0, metavar="SECONDS",
+                   help="how long a request retries a database that is away before it is "
+                        "answered 503 (%(default)s)")
+    p.add_argument("--follow-fallback-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="followed logs are woken by notifications; without one they are "
+                        "re-read this often (%(default)s)")
     _retention_arg(p)
     p.set_defaults(func=cmd_api)
 

@@ -20,6 +20,9 @@ LISTEN_JOBS = "LISTEN gristmill_jobs"
 LISTEN_CANCEL = "LISTEN gristmill_cancel"
 NOTIFY_JOBS = "SELECT pg_notify('gristmill_jobs', tag) FROM unnest(%s::text[]) AS t(tag)"
 NOTIFY_CANCEL = "SELECT pg_notify('gristmill_cancel', %s)"
+NOTIFY_IDS = "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS t(payload)"
+LISTEN = "LISTEN {}"  # the channel, quoted as an identifier
+PING = "SELECT 1"
 
 # --- scripts -----------------------------------------------------------------
 
@@ -222,8 +225,25 @@ AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.worker_id = w.id)
 
 # --- logs --------------------------------------------------------------------
 
+# The chunks and the wake-up of their followers, in one statement (one commit).
 APPEND_LOGS = """
-INSERT INTO job_logs (job_id, chunk) SELECT * FROM unnest(%s::uuid[], %s::text[])
+WITH appended AS (
+    INSERT INTO job_logs (job_id, chunk) SELECT * FROM unnest(%s::uuid[], %s::text[])
+)
+SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS t(payload)
+"""
+
+# A followed log: the job's status and the chunks after a seq, in one statement, so one
+# snapshot: if the job shows as ended, every chunk it stored (before ending) is here.
+READ_FOLLOWED_LOG = """
+SELECT (SELECT status FROM jobs WHERE id = %(id)s
+        UNION ALL SELECT status FROM job_history WHERE id = %(id)s LIMIT 1),
+       l.seq, l.chunk
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (
+    SELECT seq, chunk FROM job_logs WHERE job_id = %(id)s AND seq > %(after)s
+    ORDER BY seq LIMIT %(limit)s
+) AS l ON true
 """
 
 READ_LOGS = """
@@ -373,3 +393,27 @@ UPDATE flow_iterations SET result = %s WHERE run_id = %s AND path = %s AND index
 ITERATION_RESULTS = """
 SELECT result FROM flow_iterations WHERE run_id = %s AND path = %s ORDER BY index
 """
+
+# --- idempotency keys ------------------------------------------------------------
+
+# One holder per key at a time, until its transaction ends: a concurrent duplicate
+# learns the key is busy instead of racing it to a second run.
+LOCK_IDEMPOTENCY_KEY = """
+SELECT pg_try_advisory_xact_lock(hashtextextended(%s || '/' || %s || '/' || %s, 0))
+"""
+
+GET_IDEMPOTENCY_KEY = """
+SELECT fingerprint, status, response FROM idempotency_keys
+WHERE namespace = %s AND route = %s AND key = %s AND created_at > now() - %s
+"""
+
+# A row past its lifetime that retention has not deleted yet is replaced.
+PUT_IDEMPOTENCY_KEY = """
+INSERT INTO idempotency_keys (namespace, route, key, fingerprint, status, response)
+VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (namespace, route, key) DO UPDATE SET
+    fingerprint = excluded.fingerprint, status = excluded.status,
+    response = excluded.response, created_at = now()
+"""
+
+DELETE_EXPIRED_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at <= now() - %s"

@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from gristmill import values
-from gristmill.store import queries
+from gristmill.store import notifications, queries
 
 JOBS_CHANNEL = "gristmill_jobs"
 CANCEL_CHANNEL = "gristmill_cancel"
@@ -106,6 +106,13 @@ async def _ended(cur: psycopg.AsyncCursor) -> list[EndedJob]:
     return [EndedJob(*row) for row in await cur.fetchall()]
 
 
+async def _notify_ended(conn: psycopg.AsyncConnection, jobs: Sequence[EndedJob]) -> None:
+    """Tell log followers (the API) which jobs ended: one NOTIFY per statement that ended
+    any, delivered at its commit."""
+    await notifications.send_ids(conn, notifications.ENDED_CHANNEL,
+                                 [job.id for job in jobs if job.status != "requeued"])
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How one attempt ended, as the worker reports it."""
@@ -187,7 +194,9 @@ async def finish(
             "retry_delays": [o.retry_delay for o in outcomes],
         },
     )
-    return await _ended(cur)
+    ended = await _ended(cur)
+    await _notify_ended(conn, ended)
+    return ended
 
 
 async def hand_back(
@@ -212,6 +221,7 @@ async def reap(conn: psycopg.AsyncConnection, lease: dt.timedelta) -> list[Ended
     }
     cur = await conn.execute(queries.REAP, {"lease": lease, "error": Jsonb(error)})
     reaped = await _ended(cur)
+    await _notify_ended(conn, reaped)
     if any(job.status == "requeued" for job in reaped):
         # The requeued jobs' tags are not at hand here; a broadcast wake is cheap and rare.
         await conn.execute("SELECT pg_notify(%s, '*')", [JOBS_CHANNEL])
@@ -232,6 +242,7 @@ async def cancel(
     error = {"kind": "cancelled", "message": reason}
     cur = await conn.execute(queries.CANCEL_QUEUED, {"ids": list(job_ids), "error": Jsonb(error)})
     ended = await _ended(cur)
+    await _notify_ended(conn, ended)
     cur = await conn.execute(queries.CANCEL_RUNNING, [list(job_ids)])
     signalled = [row[0] for row in await cur.fetchall()]
     for job_id in signalled:

@@ -2,8 +2,8 @@
 
 Each round creates the day partitions of the coming week, drops the history
 and log partitions older than the retention (DROP TABLE, no DELETE and no
-vacuum), deletes finished flow runs past it, and forgets workers gone for a
-day. The API and the operator both run the loop, so it runs wherever Gristmill
+vacuum), deletes finished flow runs past it, forgets workers gone for a day
+and deletes expired idempotency keys. The API and the operator both run the loop, so it runs wherever Gristmill
 runs; an advisory lock gives each round to one replica, and the others skip it.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import psycopg
 from prometheus_client import Gauge
 
-from gristmill.store import connections, maintenance, workers
+from gristmill.store import connections, idempotency, maintenance, workers
 
 log = logging.getLogger("gristmill.housekeeping")
 
@@ -39,6 +39,7 @@ class Round:
     created: int = 0  # partitions
     dropped: list[str] = field(default_factory=list)  # partitions
     flow_runs_deleted: int = 0
+    idempotency_keys_deleted: int = 0
     oldest_kept: dt.date | None = None
 
 
@@ -56,6 +57,7 @@ async def housekeep(conn: psycopg.AsyncConnection, retention: dt.timedelta,
         await maintenance.purge_default_partitions(conn, cutoff)
         done.flow_runs_deleted = await maintenance.delete_expired_flow_runs(conn, cutoff)
         await workers.forget_dead(conn, FORGET_WORKERS_AFTER)
+        done.idempotency_keys_deleted = await idempotency.delete_expired(conn)
         done.oldest_kept = await maintenance.oldest_history_day(conn)
     finally:
         await maintenance.release_housekeeping_lock(conn)

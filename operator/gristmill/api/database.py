@@ -24,21 +24,12 @@ from typing import TypeVar
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from gristmill.store import connections
+
 log = logging.getLogger("gristmill.api")
 
 T = TypeVar("T")
 Work = Callable[[psycopg.AsyncConnection], Awaitable[T]]
-
-# SQLSTATEs after which the same statement can succeed on another try.
-_TRANSIENT_STATES = {
-    "40001",  # serialization_failure
-    "40P01",  # deadlock_detected
-    "53300",  # too_many_connections
-    "57P01",  # admin_shutdown (pg_ctl restart, stop -m fast)
-    "57P02",  # crash_shutdown
-    "57P03",  # cannot_connect_now (starting up, shutting down)
-}
-
 
 class DatabaseUnavailable(Exception):
     """The database could not serve this request in time: answer 503."""
@@ -49,29 +40,11 @@ class DatabaseUnavailable(Exception):
         self.retry_after = retry_after
 
 
-def is_transient(exc: BaseException, conn: psycopg.AsyncConnection | None = None) -> bool:
-    """Whether `exc` is the database being briefly away rather than a mistake."""
-    if isinstance(exc, PoolTimeout):
-        return True
-    if not isinstance(exc, psycopg.Error):
-        return False
-    state = getattr(exc, "sqlstate", None)
-    if state in _TRANSIENT_STATES or (state or "").startswith("08"):  # connection_exception
-        return True
-    # A connection that died mid-statement raises an OperationalError with no state.
-    return conn is not None and (conn.closed or conn.broken)
-
-
 class Database:
     def __init__(self, url: str, pool_size: int = 8, retry_for: float = 5.0):
         self.url = url
         self.retry_for = retry_for
-        # A reconnection attempt gives up quickly and the next request starts another,
-        # so a database that comes back is used within about a second, not after the
-        # pool's exponential backoff has grown to minutes.
-        self.pool = AsyncConnectionPool(url, min_size=1, max_size=pool_size, open=False,
-                                        kwargs={"autocommit": True}, reconnect_timeout=2.0,
-                                        name="gristmill-api")
+        self.pool = connections.pool(url, size=pool_size, min_size=1, name="gristmill-api")
         self._checking: asyncio.Task | None = None
 
     async def open(self) -> None:
@@ -122,7 +95,7 @@ class Database:
                         committing = True
                     return result
             except Exception as exc:
-                if not is_transient(exc, conn):
+                if not connections.is_transient(exc, conn):
                     raise
                 self._check_pool_soon()
                 if committing and not repeatable_commit:

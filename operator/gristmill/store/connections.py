@@ -13,8 +13,10 @@ import random
 import psycopg
 import psycopg_pool
 
-# The server restarted, refused us, or the network went away: the same request may work in
-# a moment. Anything else (bad data, a bug) will fail again and must not be retried blindly.
+# The server restarted, refused us or is full, the network went away, or the transaction
+# lost a race (a serialization failure or a deadlock): psycopg's OperationalError, all of
+# them. The same work may succeed in a moment. Anything else (bad data, a bug) will fail
+# again and must not be retried blindly.
 TRANSIENT_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 
 CONNECT_TIMEOUT_S = 10
@@ -28,8 +30,11 @@ _CONNECTION_OPTIONS = {
 }
 
 
-def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT_ERRORS)
+def is_transient(exc: BaseException, conn: psycopg.AsyncConnection | None = None) -> bool:
+    """Whether `exc` is the database being briefly away rather than a mistake; a connection
+    that broke under any error counts too."""
+    return isinstance(exc, TRANSIENT_ERRORS) or (
+        conn is not None and (conn.closed or conn.broken))
 
 
 async def connect(url: str) -> psycopg.AsyncConnection:
@@ -48,11 +53,11 @@ def pool(url: str, size: int, name: str, wait_s: float = 10.0, min_size: int | N
     """
     return psycopg_pool.AsyncConnectionPool(
         url, min_size=size if min_size is None else min_size, max_size=size, name=name,
-        open=False, timeout=wait_s,
-        kwargs=dict(_CONNECTION_OPTIONS),
-        # Keep trying to reconnect for as long as the process lives: a database that is
-        # down for ten minutes must not leave a pool that stopped trying.
-        reconnect_timeout=float("inf"))
+        open=False, timeout=wait_s, kwargs=dict(_CONNECTION_OPTIONS),
+        # A reconnection attempt gives up quickly and the next request for a connection
+        # starts another, so a database that comes back is used within about a second,
+        # not after the pool's exponential backoff has grown to minutes.
+        reconnect_timeout=2.0)
 
 
 class Backoff:

@@ -99,6 +99,7 @@ async def test_housekeeping_keeps_the_retention_and_one_replica_works_at_a_time(
         cur = await other.execute("SELECT pg_try_advisory_lock(x'6772686B'::int)")
         assert (await cur.fetchone())[0]
         assert await housekeep(db, dt.timedelta(days=30), now) is None
+        await other.execute("SELECT pg_advisory_unlock(x'6772686B'::int)")
     done = await housekeep(db, dt.timedelta(days=30), now)
 
     cutoff = (now - dt.timedelta(days=30)).date()

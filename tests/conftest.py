@@ -84,6 +84,21 @@ def empty_database_url(postgres_server):
 
 
 @pytest.fixture
+async def private_postgres():
+    """(server, url) of a migrated PostgreSQL of this test's own, for tests that restart or
+    stop it: the session's server must not go away under the other tests."""
+    base = Path(tempfile.mkdtemp(prefix="gristmill-private-pg-", dir="/tmp"))
+    server = EmbeddedPostgres(base, durable=False)  # a clean restart loses nothing anyway
+    url = await asyncio.to_thread(server.start)
+    await migrate_url(url)
+    try:
+        yield server, url
+    finally:
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
 async def db(database_url):
     """An autocommit async connection to the test's database."""
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:

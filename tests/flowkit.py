@@ -38,6 +38,12 @@ async def apply_yaml(db: psycopg.AsyncConnection, text: str) -> None:
             await apply_flow(db, flow)
 
 
+async def apply_yaml_at(database_url: str, text: str) -> None:
+    """apply_yaml on a connection of its own."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as db:
+        await apply_yaml(db, text)
+
+
 @contextlib.asynccontextmanager
 async def running_workers(database_url: str, count: int = 1, concurrency: int = 4,
                           tags: tuple[str, ...] = ("python", "bash"), lease_s: float = 30):

@@ -106,11 +106,23 @@ def test_an_external_database_replaces_the_bundled_one():
     ({"database": {"bundled": {"enabled": False}}},
      "database: set database.url (an external PostgreSQL), database.existingSecret"),
     ({"workerGroups": [{"name": "GPU", "spec": {"tags": ["gpu"]}}]}, "workerGroups/0/name"),
+    ({"retention": "a month"}, "at '/retention'"),
 ])
 def test_bad_values_are_refused_with_what_to_fix(values, message):
     with pytest.raises(helm.HelmError) as refused:
         render(values)
     assert message in str(refused.value)
+
+
+def test_retention_reaches_the_api_and_the_operator_as_the_cli_reads_it():
+    from gristmill.cli import build_parser
+
+    deployments = by_kind(render({"retention": "90d"}), "Deployment")
+    for name, command in (("gristmill-api", "api"), ("gristmill-operator", "operator")):
+        args = deployments[name]["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert "--retention=90d" in args
+        parsed = build_parser().parse_args([*args, "--database-url", "postgresql://x/y"])
+        assert parsed.command == command and parsed.retention.days == 90
 
 
 def test_rbac_is_files_rbac_in_the_release_namespace():
@@ -176,3 +188,10 @@ def test_argocd_health_follows_the_ready_condition(status, generation, health):
         obj["status"] = status
     assert _argocd_health(obj)["status"] == health
 
+
+
+def test_the_api_is_ready_with_its_database_and_alive_without_it():
+    api = by_kind(render(), "Deployment")["gristmill-api"]["spec"]["template"]["spec"]
+    container = api["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -9,11 +10,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
+
+from gristmill.dev.postgres import EmbeddedPostgres
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -134,10 +140,8 @@ def test_bad_manifests_are_reported_and_nothing_of_them_applied(dev):
 
 
 def _database_url(dev) -> str:
-    for line in (dev["root"] / "data" / "postgres" / "pgdata" / "postmaster.pid").read_text(
-            ).splitlines()[3:4]:
-        return f"postgresql://gristmill@127.0.0.1:{line.strip()}/gristmill"
-    raise AssertionError("no running Postgres")
+    """The embedded server's URL: its port and password are kept in its data dir."""
+    return EmbeddedPostgres(dev["root"] / "data" / "postgres").url()
 
 
 def test_cancel_a_running_script(dev):
@@ -175,6 +179,94 @@ def test_metrics_report_the_queue(dev):
     assert "gristmill_queue_oldest_job_age_seconds" in text
 
 
+class FlakyProxy(http.server.ThreadingHTTPServer):
+    """Sits between the CLI and the API: the first POST reaches the API but its answer is
+    dropped (the connection closes), the second gets a 503, the rest pass through."""
+
+    def __init__(self, upstream: str, script: list[str]):
+        self.upstream = upstream
+        self.script = script
+        self.seen: list[dict[str, str]] = []  # the headers of every POST
+        super().__init__(("127.0.0.1", 0), FlakyProxyHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class FlakyProxyHandler(http.server.BaseHTTPRequestHandler):
+    server: FlakyProxy
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.seen.append(dict(self.headers))
+        action = self.server.script.pop(0) if self.server.script else "pass"
+        if action == "503":
+            answer = b'{"error": "the database is unavailable (test)"}'
+            self.send_response(503)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+            return
+        request = urllib.request.Request(
+            self.server.upstream + self.path, data=body, method="POST",
+            headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, headers, answer = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as exc:
+            status, headers, answer = exc.code, exc.headers, exc.read()
+        if action == "drop":  # the run was made; the client never hears of it
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.send_response(status)
+        for name in ("Content-Type", "Idempotent-Replayed"):
+            if headers.get(name):
+                self.send_header(name, headers[name])
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+
+def _runs_with_input(dev, value: str) -> list[str]:
+    import psycopg
+
+    with psycopg.connect(_database_url(dev)) as conn:
+        rows = conn.execute(
+            "SELECT id FROM jobs WHERE input->>'name' = %(v)s UNION ALL "
+            "SELECT id FROM job_history WHERE input->>'name' = %(v)s", {"v": value}).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def test_run_retries_a_dropped_or_refused_submit_without_a_second_run(dev):
+    proxy = FlakyProxy(dev["server"], ["drop", "503"])
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        name = f"retry-{time.monotonic_ns()}"
+        done = gristmill("run", "script", "hello", "--input", json.dumps({"name": name}),
+                         server=proxy.url)
+        assert done.returncode == 0, done.stderr
+        assert "retrying" in done.stderr and "Traceback" not in done.stderr
+        keys = [headers["Idempotency-Key"] for headers in proxy.seen]
+        assert len(keys) == 3 and len(set(keys)) == 1  # three tries, one request
+        # The run the dropped answer announced is the only one, and the one printed.
+        assert _runs_with_input(dev, name) == [done.stdout.strip()]
+        again = gristmill("run", "script", "hello", "--input", json.dumps({"name": name}),
+                          server=proxy.url)
+        assert again.returncode == 0 and proxy.seen[-1]["Idempotency-Key"] not in keys
+        assert len(_runs_with_input(dev, name)) == 2  # a new invocation is a new run
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
 def test_ctrl_c_stops_cleanly_and_the_data_dir_is_reusable(dev):
     process = dev["process"]
     process.send_signal(signal.SIGINT)
@@ -210,3 +302,39 @@ def test_unreachable_server_says_how_to_fix_it():
                        server=f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 1
     assert "cannot reach the Gristmill API" in result.stderr and "gristmill dev" in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(child) for child in found.split()]
+
+
+def test_killed_dev_takes_its_workers_and_keeps_its_database_port(tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "gristmill.cli", "dev", str(EXAMPLES), "--port", str(port),
+               "--workers", "2", "--data-dir", str(tmp_path / "data")]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, cwd=tmp_path)
+    wait_healthy(f"http://127.0.0.1:{port}", first)
+    database = EmbeddedPostgres(tmp_path / "data" / "postgres")
+    workers = _children(first.pid)
+    assert len(workers) == 2
+    first.kill()  # SIGKILL: nothing of dev's own runs
+    first.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived gristmill dev"
+        time.sleep(0.2)
+    # Anyone who may not read the data dir's password cannot log in, even on 127.0.0.1.
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(f"postgresql://gristmill@127.0.0.1:{database.port}/gristmill").close()
+    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=tmp_path)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", second)
+        again = EmbeddedPostgres(tmp_path / "data" / "postgres")
+        assert again.port == database.port  # URLs given out before still work
+        psycopg.connect(again.url()).close()
+    finally:
+        second.send_signal(signal.SIGINT)
+        assert second.wait(timeout=60) == 0

@@ -111,6 +111,10 @@ def test_worker_deployment_is_a_valid_deployment(version):
     k8s_validate(deployment, version, strict=True)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:5] == ["worker", "--tags", "gpu,cuda", "--concurrency", "2"]
+    # Stops with time to hand back jobs before the kubelet's SIGKILL; probed for progress.
+    assert container["args"][5:] == ["--grace-period", "110", "--health-port", "8081"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["ports"] == [{"name": "health", "containerPort": 8081}]
     assert deployment["spec"]["replicas"] == 5
     assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "gristmill-database",
                                                                 "key": "url"}

@@ -135,7 +135,7 @@ async def test_cancel_queued_and_running(db):
     assert queue.statuses(cancellation.ended) == {queued_id: "cancelled"}
     assert cancellation.signalled == [running_id]
     assert (await queue.get_job(db, queued_id))["status"] == "cancelled"
-    assert await workers.heartbeat(db, "w") == {running_id}
+    assert await workers.heartbeat(db, "w") == workers.Heartbeat(True, frozenset({running_id}))
     # A failure reported while cancelling ends as cancelled, with no retry.
     async with db.transaction():
         status = await queue.finish(db, "w", [queue.Outcome(

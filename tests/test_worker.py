@@ -35,12 +35,12 @@ async def scripts_db(db):
     return db
 
 
-def start_worker(database_url: str, *extra: str) -> subprocess.Popen:
+def start_worker(database_url: str, *extra: str, **popen) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "gristmill.cli", "worker", "--database-url", database_url,
          "--tags", "python", "--concurrency", "2", "--lease", "2", "--poll-interval", "0.2",
          *extra],
-        env={**os.environ, "GRISTMILL_LOG_LEVEL": "WARNING"})
+        env={**os.environ, "GRISTMILL_LOG_LEVEL": "WARNING"}, **popen)
 
 
 async def submit(db, name: str, job_input: dict) -> uuid.UUID:

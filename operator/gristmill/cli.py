@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gristmill.client import ApiError, Client, default_server
+from gristmill.client import SUBMIT_RETRY_S, ApiError, Client, default_server
 
 
 class UsageError(Exception):
@@ -68,8 +70,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"input": _read_input(args)}
     if args.priority is not None:
         body["priority"] = args.priority
-    submit = client.submit_script if args.what == "script" else client.submit_flow
-    submitted = submit(args.namespace, args.name, body)
+    # A fresh Idempotency-Key for this invocation: a submit retried after a dropped
+    # connection or a 503 is the same request to the server, never a second run.
+    submitted = client.submit(f"{args.what}s", args.namespace, args.name, body,
+                              retry_for=SUBMIT_RETRY_S,
+                              on_retry=lambda note: print(f"gristmill: {note}", file=sys.stderr))
     if not args.wait:
         if args.output == "json":
             _print_json(submitted)
@@ -174,12 +179,29 @@ def _run_until_signalled(main) -> int:
     return asyncio.run(runner())
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    import datetime as dt
-
-    from gristmill.sandbox import process
+async def _migrate_when_reachable(url: str, stop: asyncio.Event) -> bool:
+    """Migrate, waiting for the database while it is away (a process that starts with its
+    database must not die of it); False when told to stop first."""
+    from gristmill.store import connections
     from gristmill.store.migrate import migrate_url
-    from gristmill.worker.loop import Worker, WorkerConfig
+
+    backoff = connections.Backoff(first=0.5, cap=10)
+    while not stop.is_set():
+        try:
+            await migrate_url(url)
+            return True
+        except connections.TRANSIENT_ERRORS as exc:
+            delay = backoff.next_delay()
+            logging.getLogger("gristmill").warning(
+                "database unreachable (%s); retrying in %.1fs", str(exc).strip(), delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+    return False
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from gristmill.sandbox import process
+    from gristmill.worker.loop import Worker, WorkerConfig, WorkerCrashed
 
     url = _database_url(args)
     pods = None
@@ -193,11 +215,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise UsageError("--tags needs at least one tag, e.g. --tags python,bash")
     config = WorkerConfig(database_url=url, tags=tags, concurrency=args.concurrency,
                           lease=dt.timedelta(seconds=args.lease), grace_period=args.grace_period,
-                          poll_interval=args.poll_interval)
+                          poll_interval=args.poll_interval, stall_after=args.stall_after,
+                          health_port=args.health_port or None)
 
-    async def main(stop: asyncio.Event) -> None:
-        await migrate_url(url)
-        await Worker(config, pods or process.ProcessExecutor()).run(stop)
+    async def main(stop: asyncio.Event) -> int:
+        if not await _migrate_when_reachable(url, stop):
+            return 0
+        try:
+            await Worker(config, pods or process.ProcessExecutor()).run(stop)
+        except WorkerCrashed as exc:
+            print(f"gristmill: {exc}; exiting for a restart", file=sys.stderr)
+            return 1
+        return 0
 
     return _run_until_signalled(main)
 
@@ -212,15 +241,46 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retention(text: str) -> dt.timedelta:
+    """--retention: how long finished runs, their results and logs are kept."""
+    from gristmill.housekeeping import MIN_RETENTION
+    from gristmill.spec import parse_duration
+
+    try:
+        retention = dt.timedelta(seconds=parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if retention < MIN_RETENTION:
+        raise argparse.ArgumentTypeError(f"{text} is less than a day; history is kept in day "
+                                         f"partitions, so keep it for 1d or more")
+    return retention
+
+
+def _retention_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retention", type=_retention, default="30d",
+                   help="keep finished runs, results and logs this long, e.g. 7d or 90d "
+                        "(%(default)s)")
+
+
 def cmd_api(args: argparse.Namespace) -> int:
+    from gristmill.api.app import ApiSettings
     from gristmill.api.server import serve
-    from gristmill.store.migrate import migrate_url
+    from gristmill.housekeeping import run_housekeeping
 
     url = _database_url(args)
+    settings = ApiSettings(database_url=url, pool_size=args.pool_size,
+                           database_retry_s=args.database_retry,
+                           follow_fallback_s=args.follow_fallback_interval)
 
     async def main(stop: asyncio.Event) -> None:
-        await migrate_url(url)
-        await serve(url, args.host, args.port, stop)
+        if not await _migrate_when_reachable(url, stop):
+            return
+        housekeeping = asyncio.create_task(run_housekeeping(url, args.retention, stop))
+        try:
+            await serve(settings, args.host, args.port, stop)
+        finally:
+            stop.set()
+            await housekeeping
 
     return _run_until_signalled(main)
 
@@ -248,6 +308,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         os.environ["GRISTMILL_DATABASE_URL"] = args.database_url
     os.environ["GRISTMILL_METRICS_PORT"] = str(args.metrics_port)
     os.environ["GRISTMILL_AUTOSCALE_INTERVAL"] = str(args.autoscale_interval)
+    os.environ["GRISTMILL_RETENTION_SECONDS"] = str(args.retention.total_seconds())
     import kopf
 
     import gristmill.operator.handlers  # noqa: F401  (registers the handlers)
@@ -280,7 +341,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     options = DevOptions(
         paths=args.paths, database_url=args.database_url or os.environ.get("GRISTMILL_DATABASE_URL"),
         data_dir=Path(args.data_dir), workers=args.workers or os.cpu_count() or 1,
-        host=args.host, port=args.port,
+        host=args.host, port=args.port, retention=args.retention,
     )
     return _run_until_signalled(lambda stop: run_dev(options, stop))
 
@@ -304,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="local workers (default: cores)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    _retention_arg(p)
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("run", help="submit a run")
@@ -365,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to finish running jobs on SIGTERM before handing them back")
     p.add_argument("--poll-interval", type=float, default=1.0,
                    help="seconds between claims when no notification arrives")
+    p.add_argument("--health-port", type=int, default=0,
+                   help="serve the liveness probe GET /healthz on this port (0: none)")
+    p.add_argument("--stall-after", type=float, default=60.0,
+                   help="liveness: seconds a loop may go without success (%(default)s)")
     p.add_argument("--executor", choices=["process", "pod"], default="process",
                    help="process: a sandboxed process here; pod: a Kubernetes pod per job")
     p.add_argument("--job-image", help="pod executor: the job pods' image "
@@ -375,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
     db_args(p)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--pool-size", type=int, default=8, help="database connections (%(default)s)")
+    p.add_argument("--database-retry", type=float, default=5.0, metavar="SECONDS",
+                   help="how long a request retries a database that is away before it is "
+                        "answered 503 (%(default)s)")
+    p.add_argument("--follow-fallback-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="followed logs are woken by notifications; without one they are "
+                        "re-read this often (%(default)s)")
+    _retention_arg(p)
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("migrate", help="create or upgrade the database schema")
@@ -390,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prometheus /metrics port (0: none)")
     p.add_argument("--autoscale-interval", type=float, default=5.0,
                    help="seconds between autoscaling decisions (%(default)s)")
+    _retention_arg(p)
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("crds", help="print (or write) the CustomResourceDefinitions")

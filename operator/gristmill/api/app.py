@@ -1,99 +1,117 @@
 """The HTTP API (aiohttp): submit runs, read them back, follow logs, cancel, metrics.
 
-Routes:
-  POST /api/v1/namespaces/{ns}/scripts/{name}/runs   {"input": {...}}  -> 201 {"id", "status"}
-  POST /api/v1/namespaces/{ns}/flows/{name}/runs     {"input": {...}}  -> 201 {"id", "status"}
-  GET  /api/v1/runs/{id}                             status, result, error, timings (and the
-                                                     tree of steps of a flow run)
-  GET  /api/v1/runs/{id}/logs[?follow=1]             the log as text (follow streams it)
-  POST /api/v1/runs/{id}/cancel
-  POST /api/v1/runs/{id}/approve | /reject           {"step": PATH?, "by": NAME?}
-  POST /api/v1/runs/{id}/restart                     {"fromStep": STEP_ID} -> 201 the new run
-  GET  /api/v1/scripts, /api/v1/flows [?namespace=NS]
-  GET  /healthz, /metrics
-A mistake in a request gets a 4xx with {"error": "what is wrong and how to fix it"}.
+Every route is in ROUTES and documented in /api/v1/openapi.json (api/openapi.py; a
+test keeps the two equal). A mistake in a request gets a 4xx with
+{"error": "what is wrong and how to fix it"}; a database that is away for longer than
+a retry can hide gets a 503 with Retry-After; nothing a request sends gets a 500.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from psycopg_pool import AsyncConnectionPool
 
-from gristmill.api import runs
-from gristmill.api.runs import RunError, get_run, parse_run_id
+from gristmill.api import idempotency, openapi, params, runs
+from gristmill.api.database import Database
+from gristmill.api.errors import errors_middleware
+from gristmill.api.log_follow import JobWatch, client_gone, stream_job_log
+from gristmill.api.runs import RunError, SubmitRequest, get_run
 from gristmill.flows import engine as flow_engine
-from gristmill.flows.engine import FlowError
 from gristmill.metrics import observe_queue
 from gristmill.store import flows as flow_store
 from gristmill.store import logs, queue
 from gristmill.store import scripts as script_store
 
-FINAL_STATUSES = {"succeeded", "failed", "cancelled"}
-LOG_POLL_S = 0.2
 
-POOL = web.AppKey("pool", AsyncConnectionPool)
-
-
-@web.middleware
-async def _errors(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except (RunError, FlowError) as exc:
-        return web.json_response({"error": exc.message}, status=exc.status)
+@dataclass(frozen=True)
+class ApiSettings:
+    database_url: str
+    pool_size: int = 8
+    database_retry_s: float = 5.0  # how long a request rides out a database restart
+    follow_fallback_s: float = 30.0  # a followed log is re-read this often without a wake-up
+    max_body_bytes: int = params.MAX_BODY_BYTES
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except json.JSONDecodeError as exc:
-        raise RunError(400, f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise RunError(400, "the request body must be a JSON object such as {\"input\": {}}")
-    return body
+DATABASE = web.AppKey("database", Database)
+WATCH = web.AppKey("watch", JobWatch)
+SETTINGS = web.AppKey("settings", ApiSettings)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _submitter(submit):
+def _database(request: web.Request) -> Database:
+    return request.app[DATABASE]
+
+
+# --- submits -------------------------------------------------------------------------------
+
+def _submit_request(body: dict[str, Any], scheduled: bool) -> SubmitRequest:
+    allowed = {"input", "priority"} | ({"scheduledFor"} if scheduled else set())
+    params.check_fields(body, allowed)
+    run_input = body.get("input", {})
+    if not isinstance(run_input, dict):
+        raise RunError(400, "input must be a JSON object such as {\"name\": \"world\"}")
+    priority = body.get("priority")
+    if "priority" in body and (not isinstance(priority, int) or isinstance(priority, bool)
+                               or not -100 <= priority <= 100):
+        raise RunError(400, "priority must be an integer from -100 to 100")
+    return SubmitRequest(input=run_input, priority=priority,
+                         scheduled_for=params.scheduled_for(body) if scheduled else None)
+
+
+def _submitter(kind: str, submit) -> Handler:
     async def handler(request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        ns, name = request.match_info["namespace"], request.match_info["name"]
-        async with request.app[POOL].connection() as conn:
-            run = await submit(conn, ns, name, body)
-        return web.json_response(run, status=201)
+        namespace, name = params.name(request, "namespace"), params.name(request, "name")
+        key = idempotency.key_of(request)
+        body = await params.json_body(request)
+        submit_request = _submit_request(body, scheduled=kind == "scripts")
+        route = f"{kind}/{name}/runs"
+
+        async def work(conn: psycopg.AsyncConnection) -> idempotency.Answer:
+            async def make_run() -> dict[str, Any]:
+                return await submit(conn, namespace, name, submit_request)
+            if key is None:
+                return idempotency.Answer(201, await make_run())
+            return await idempotency.submit_once(conn, namespace, route, key,
+                                                 idempotency.fingerprint(body), make_run)
+
+        # With a key, a submit whose COMMIT was cut off is safe to repeat: the repeat
+        # finds the key if the first one was committed.
+        answer = await _database(request).write(work, repeatable_commit=key is not None)
+        headers = {idempotency.REPLAYED_HEADER: "true"} if answer.replayed else None
+        return web.json_response(answer.body, status=answer.status, headers=headers)
     return handler
 
 
-submit_script = _submitter(runs.submit_script_run)
-submit_flow = _submitter(runs.submit_flow_run)
+submit_script = _submitter("scripts", runs.submit_script_run)
+submit_flow = _submitter("flows", runs.submit_flow_run)
 
+
+# --- runs ----------------------------------------------------------------------------------
 
 async def show_run(request: web.Request) -> web.Response:
-    run_id = parse_run_id(request.match_info["id"])
-    async with request.app[POOL].connection() as conn:
-        return web.json_response(await get_run(conn, run_id))
+    run_id = params.run_id(request)
+    return web.json_response(await _database(request).read(lambda conn: get_run(conn, run_id)))
 
 
 async def cancel_run(request: web.Request) -> web.Response:
-    run_id = parse_run_id(request.match_info["id"])
-    async with request.app[POOL].connection() as conn:
-        state = await runs.cancel_run(conn, run_id)
+    run_id = params.run_id(request)
+    state = await _database(request).write(lambda conn: runs.cancel_run(conn, run_id))
     return web.json_response({"id": str(run_id), "status": state})
 
 
 async def _decide(request: web.Request, approve: bool) -> web.Response:
-    run_id = parse_run_id(request.match_info["id"])
-    body = await _json_body(request)
-    runs.check_body(body, {"step", "by"})
-    async with request.app[POOL].connection() as conn, conn.transaction():
-        path = await flow_engine.decide(conn, run_id, approve, str(body.get("by", "api")),
-                                        body.get("step"))
+    run_id = params.run_id(request)
+    body = await params.json_body(request)
+    params.check_fields(body, {"step", "by"})
+    step, by = params.text_field(body, "step"), params.text_field(body, "by") or "api"
+    path = await _database(request).write(
+        lambda conn: flow_engine.decide(conn, run_id, approve, by, step))
     return web.json_response({"id": str(run_id), "step": path,
                               "decision": "approved" if approve else "rejected"})
 
@@ -107,51 +125,42 @@ async def reject_run(request: web.Request) -> web.Response:
 
 
 async def restart_run(request: web.Request) -> web.Response:
-    run_id = parse_run_id(request.match_info["id"])
-    body = await _json_body(request)
-    runs.check_body(body, {"fromStep"})
-    if not isinstance(body.get("fromStep"), str):
+    run_id = params.run_id(request)
+    body = await params.json_body(request)
+    params.check_fields(body, {"fromStep"})
+    from_step = params.text_field(body, "fromStep")
+    if from_step is None:
         raise RunError(400, "name the step to restart from: {\"fromStep\": \"STEP_ID\"}")
-    async with request.app[POOL].connection() as conn, conn.transaction():
-        run = await flow_engine.restart_run(conn, run_id, body["fromStep"])
+    run = await _database(request).write(
+        lambda conn: flow_engine.restart_run(conn, run_id, from_step))
     return web.json_response({"id": str(run.id), "kind": "flow", "status": run.status,
                               "restartedFrom": str(run_id)}, status=201)
 
 
+# --- logs ----------------------------------------------------------------------------------
+
 async def run_logs(request: web.Request) -> web.StreamResponse:
-    run_id = parse_run_id(request.match_info["id"])
-    follow = request.query.get("follow", "") in ("1", "true", "yes")
-    try:
-        after = int(request.query.get("after", "0"))
-    except ValueError as exc:
-        raise RunError(400, "after must be a log sequence number (an integer)") from exc
-    pool = request.app[POOL]
-    async with pool.connection() as conn:
-        run = await get_run(conn, run_id)  # 404 for an unknown run
+    run_id = params.run_id(request)
+    follow = params.query_flag(request, "follow")
+    after = params.query_seq(request, "after")
+    db = _database(request)
+    run = await db.read(lambda conn: get_run(conn, run_id))  # 404 for an unknown run
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await response.prepare(request)
-    if run["kind"] == "flow":
-        await _write_flow_logs(pool, run, response)
-        await response.write_eof()
-        return response
-    while True:
-        async with pool.connection() as conn:
-            # Read the status first: logs are stored before a job is seen finished.
-            finished = (await get_run(conn, run_id))["status"] in FINAL_STATUSES
-            entries = await logs.read(conn, run_id, after)
-        for seq, chunk in entries:
-            await response.write(chunk.encode())
-            after = seq
-        if entries:
-            continue
-        if not follow or finished:
-            break
-        await asyncio.sleep(LOG_POLL_S)
-    await response.write_eof()
+    try:
+        if run["kind"] == "flow":
+            await _write_flow_logs(db, run, response)
+        else:
+            await stream_job_log(request, response, db, request.app[WATCH], run_id, after,
+                                 follow, request.app[SETTINGS].follow_fallback_s)
+        if not client_gone(request):
+            await response.write_eof()
+    except (ConnectionResetError, ConnectionAbortedError):
+        pass  # the client left; nothing more to send
     return response
 
 
-async def _write_flow_logs(pool: AsyncConnectionPool, run: dict[str, Any],
+async def _write_flow_logs(db: Database, run: dict[str, Any],
                            response: web.StreamResponse) -> None:
     """A flow run's log: the log of each step's job in turn, under the step's path."""
     paths = {}
@@ -162,15 +171,20 @@ async def _write_flow_logs(pool: AsyncConnectionPool, run: dict[str, Any],
                 paths[step["job"]] = step["path"]
             walk(step["steps"])
     walk(run["steps"])
-    async with pool.connection() as conn:
-        for job_id, path in paths.items():
-            await response.write(f"=== step {path} (job {job_id})\n".encode())
-            after = 0
-            while entries := await logs.read(conn, job_id, after):
-                for seq, chunk in entries:
-                    await response.write(chunk.encode())
-                    after = seq
+    for job_id, path in paths.items():
+        await response.write(f"=== step {path} (job {job_id})\n".encode())
+        after = 0
+        while True:  # a connection per batch: none is held while a slow client reads
+            entries = await db.read(lambda conn, after=after, job_id=job_id:
+                                    logs.read(conn, job_id, after))
+            if not entries:
+                break
+            for seq, chunk in entries:
+                await response.write(chunk.encode())
+                after = seq
 
+
+# --- definitions, health, metrics --------------------------------------------------------
 
 def _listing(rows: list[tuple]) -> list[dict[str, Any]]:
     return [{"namespace": ns, "name": name, "version": version, "updatedAt": updated.isoformat()}
@@ -178,54 +192,82 @@ def _listing(rows: list[tuple]) -> list[dict[str, Any]]:
 
 
 async def list_scripts(request: web.Request) -> web.Response:
-    async with request.app[POOL].connection() as conn:
-        rows = await script_store.list_all(conn, request.query.get("namespace"))
+    namespace = params.query_name(request, "namespace")
+    rows = await _database(request).read(lambda conn: script_store.list_all(conn, namespace))
     return web.json_response(_listing(rows))
 
 
 async def list_flows(request: web.Request) -> web.Response:
-    async with request.app[POOL].connection() as conn:
-        rows = await flow_store.list_all(conn, request.query.get("namespace"))
+    namespace = params.query_name(request, "namespace")
+    rows = await _database(request).read(lambda conn: flow_store.list_all(conn, namespace))
     return web.json_response(_listing(rows))
 
 
 async def healthz(request: web.Request) -> web.Response:
-    try:
-        async with request.app[POOL].connection(timeout=2) as conn:
-            await conn.execute("SELECT 1")
-    except (psycopg.Error, TimeoutError) as exc:
-        return web.json_response({"status": "database unreachable", "error": str(exc)}, status=503)
+    """Liveness: the process serves requests. It does not ask the database, so a database
+    outage takes the API out of service (readiness) without restarting it."""
     return web.json_response({"status": "ok"})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the database answers and log notifications are heard."""
+    problem = await _database(request).ping()
+    listening = request.app[WATCH].listening.is_set()
+    body = {"status": "ok" if problem is None else "database unreachable",
+            "database": problem or "ok",
+            "notifications": "listening" if listening else "reconnecting"}
+    if problem is not None:
+        return web.json_response(body, status=503, headers={"Retry-After": "2"})
+    return web.json_response(body)
+
+
 async def metrics(request: web.Request) -> web.Response:
-    async with request.app[POOL].connection() as conn:
-        observe_queue(await queue.queue_depth(conn))
+    observe_queue(await _database(request).read(queue.queue_depth))
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(database_url: str, pool_size: int = 8) -> web.Application:
-    app = web.Application(middlewares=[_errors])
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
 
-    async def open_pool(app: web.Application):
-        pool = AsyncConnectionPool(database_url, min_size=1, max_size=pool_size, open=False,
-                                   kwargs={"autocommit": True})
-        await pool.open(wait=True, timeout=30)
-        app[POOL] = pool
+
+# (method, path, handler): the whole API; api/openapi.py documents each of them.
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/api/v1/namespaces/{namespace}/scripts/{name}/runs", submit_script),
+    ("POST", "/api/v1/namespaces/{namespace}/flows/{name}/runs", submit_flow),
+    ("GET", "/api/v1/runs/{id}", show_run),
+    ("GET", "/api/v1/runs/{id}/logs", run_logs),
+    ("POST", "/api/v1/runs/{id}/cancel", cancel_run),
+    ("POST", "/api/v1/runs/{id}/approve", approve_run),
+    ("POST", "/api/v1/runs/{id}/reject", reject_run),
+    ("POST", "/api/v1/runs/{id}/restart", restart_run),
+    ("GET", "/api/v1/scripts", list_scripts),
+    ("GET", "/api/v1/flows", list_flows),
+    ("GET", "/api/v1/openapi.json", openapi_document),
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+    ("GET", "/metrics", metrics),
+]
+
+
+def create_app(settings: ApiSettings | str) -> web.Application:
+    if isinstance(settings, str):
+        settings = ApiSettings(database_url=settings)
+    app = web.Application(middlewares=[errors_middleware(settings.max_body_bytes)],
+                          client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+
+    async def resources(app: web.Application):
+        database = Database(settings.database_url, settings.pool_size,
+                            settings.database_retry_s)
+        watch = JobWatch(settings.database_url)
+        await database.open()
+        watch.start()
+        app[DATABASE], app[WATCH] = database, watch
         yield
-        await pool.close()
+        await watch.stop()
+        await database.close()
 
-    app.cleanup_ctx.append(open_pool)
-    app.router.add_post("/api/v1/namespaces/{namespace}/scripts/{name}/runs", submit_script)
-    app.router.add_post("/api/v1/namespaces/{namespace}/flows/{name}/runs", submit_flow)
-    app.router.add_get("/api/v1/runs/{id}", show_run)
-    app.router.add_get("/api/v1/runs/{id}/logs", run_logs)
-    app.router.add_post("/api/v1/runs/{id}/cancel", cancel_run)
-    app.router.add_post("/api/v1/runs/{id}/approve", approve_run)
-    app.router.add_post("/api/v1/runs/{id}/reject", reject_run)
-    app.router.add_post("/api/v1/runs/{id}/restart", restart_run)
-    app.router.add_get("/api/v1/scripts", list_scripts)
-    app.router.add_get("/api/v1/flows", list_flows)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    app.cleanup_ctx.append(resources)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -21,63 +22,39 @@ from gristmill.store import scripts as script_store
 class RunError(Exception):
     """A request a person can fix; `status` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
-def check_body(body: dict[str, Any], allowed: set[str]) -> None:
-    unknown = set(body) - allowed
-    if unknown:
-        raise RunError(400, f"unknown field(s) {', '.join(sorted(unknown))} in the request; "
-                            f"expected {', '.join(sorted(allowed))}")
+@dataclass(frozen=True)
+class SubmitRequest:
+    """A checked request to start a run."""
 
-
-def _priority(body: dict[str, Any], default: int) -> int:
-    priority = body.get("priority", default)
-    if not isinstance(priority, int) or isinstance(priority, bool) or not -100 <= priority <= 100:
-        raise RunError(400, "priority must be an integer from -100 to 100")
-    return priority
-
-
-def _input(body: dict[str, Any]) -> dict[str, Any]:
-    value = body.get("input", {})
-    if not isinstance(value, dict):
-        raise RunError(400, "input must be a JSON object such as {\"name\": \"world\"}")
-    return value
-
-
-def _scheduled_for(body: dict[str, Any]) -> dt.datetime | None:
-    if "scheduledFor" not in body:
-        return None
-    try:
-        when = dt.datetime.fromisoformat(str(body["scheduledFor"]))
-    except ValueError as exc:
-        raise RunError(400, "scheduledFor must be an ISO 8601 time such as "
-                            "2026-11-25T10:00:00Z") from exc
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    input: dict[str, Any]
+    priority: int | None = None  # None: the Script's or Flow's own
+    scheduled_for: dt.datetime | None = None
 
 
 async def submit_script_run(conn: psycopg.AsyncConnection, namespace: str, name: str,
-                            body: dict[str, Any]) -> dict[str, Any]:
-    check_body(body, {"input", "priority", "scheduledFor"})
+                            request: SubmitRequest) -> dict[str, Any]:
     found = await script_store.get(conn, namespace, name)
     if found is None:
         raise RunError(404, f"Script {namespace}/{name} not found: apply its manifest "
                             f"(gristmill dev loads it from the paths you give it)")
     script = catalog.script_version(*found)
-    job_input = _input(body)
     try:
-        check_input(script.input_schema, job_input)
+        check_input(script.input_schema, request.input)
     except InputError as exc:
         raise RunError(400, f"input does not match Script {namespace}/{name}: {exc}") from exc
     limit = script.spec.concurrencyLimit
     job = queue.NewJob(
-        namespace=namespace, tag=script.spec.effective_tag, kind="script", input=job_input,
+        namespace=namespace, tag=script.spec.effective_tag, kind="script", input=request.input,
         script_name=name, script_hash=script.version,
-        priority=_priority(body, script.spec.priority),
-        max_attempts=script.spec.retries + 1, scheduled_for=_scheduled_for(body),
+        priority=script.spec.priority if request.priority is None else request.priority,
+        max_attempts=script.spec.retries + 1, scheduled_for=request.scheduled_for,
         concurrency_key=f"script:{namespace}/{name}" if limit else None,
         concurrency_limit=limit,
     )
@@ -87,11 +64,10 @@ async def submit_script_run(conn: psycopg.AsyncConnection, namespace: str, name:
 
 
 async def submit_flow_run(conn: psycopg.AsyncConnection, namespace: str, name: str,
-                          body: dict[str, Any]) -> dict[str, Any]:
-    check_body(body, {"input", "priority"})
-    priority = _priority(body, 0) if "priority" in body else None
+                          request: SubmitRequest) -> dict[str, Any]:
     async with conn.transaction():
-        run = await flow_engine.submit_flow_run(conn, namespace, name, _input(body), priority)
+        run = await flow_engine.submit_flow_run(conn, namespace, name, request.input,
+                                                request.priority)
     return {"id": str(run.id), "kind": "flow", "status": run.status}
 
 
@@ -176,14 +152,6 @@ async def present_flow_run(conn: psycopg.AsyncConnection, run: flow_store.FlowRu
         "durationMs": _duration_ms(run.started_at, run.finished_at),
         "steps": _step_tree(plan, await flow_store.run_steps(conn, run.id)),
     }
-
-
-def parse_run_id(text: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(text)
-    except ValueError as exc:
-        raise RunError(400, f"{text!r} is not a run id (a UUID such as "
-                            f"3f2b8c4e-1d2a-4b6e-9f10-2a3b4c5d6e7f)") from exc
 
 
 async def get_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID) -> dict[str, Any]:

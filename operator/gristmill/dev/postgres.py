@@ -4,19 +4,30 @@ It runs the local server binaries (Debian's postgresql package) on a data dir
 of our own, listening only on a Unix socket in that dir and on 127.0.0.1.
 Postgres refuses to run as root, so as root the server runs as an unprivileged
 user that owns the data dir.
+
+Every connection needs a password (SCRAM), a random one kept in the data dir
+(mode 0600): 127.0.0.1 is reachable by anything on the machine, and a trusted
+superuser there could run programs as the server's user. The server keeps its
+port across restarts, kept in the data dir too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
+import re
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import psycopg
+from psycopg import sql
 
 INSTALL_HINT = "install it with: apt-get install -y postgresql (or pass --database-url)"
 
@@ -43,9 +54,15 @@ def find_server_binaries() -> Path:
     raise PostgresNotFound(f"PostgreSQL server binaries (initdb, pg_ctl) not found; {INSTALL_HINT}")
 
 
-def _free_port() -> int:
+def _free_port(wanted: int = 0) -> int:
+    """`wanted` if it is free on 127.0.0.1, else any free port."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        # As the server binds: connections of its last run, in TIME_WAIT, do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", wanted))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
@@ -87,6 +104,9 @@ class EmbeddedPostgres:
         self.data_dir = Path(self.data_dir).absolute()
         self.bin_dir = find_server_binaries()
         self.user = _server_user()
+        if not self.port:
+            with contextlib.suppress(OSError, ValueError):  # the port it had last time
+                self.port = int(self.port_file.read_text())
 
     @property
     def pgdata(self) -> Path:
@@ -96,8 +116,29 @@ class EmbeddedPostgres:
     def socket_dir(self) -> Path:
         return self.data_dir / "run"
 
+    @property
+    def password_file(self) -> Path:
+        return self.data_dir / "password"
+
+    @property
+    def port_file(self) -> Path:
+        return self.data_dir / "port"
+
+    def password(self) -> str:
+        """The superuser's password, made on first use (readable by us alone)."""
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(24))
+        return self.password_file.read_text().strip()
+
     def url(self, dbname: str = "gristmill") -> str:
-        return f"postgresql://gristmill@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql://gristmill:{self.password()}@127.0.0.1:{self.port}/{dbname}"
+
+    def display_url(self, dbname: str = "gristmill") -> str:
+        """The URL without its password, for printing."""
+        return (f"postgresql://gristmill:***@127.0.0.1:{self.port}/{dbname} "
+                f"(password in {self.password_file})")
 
     def _run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = list(argv)
@@ -126,8 +167,27 @@ class EmbeddedPostgres:
             self._chown(d)
         if self.user is not None:
             _open_path_for(self.data_dir)
-        self._run(str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", "gristmill",
-                  "--auth=trust", "--encoding=UTF8", "--no-sync", "--locale=C")
+        # initdb reads the password from a file, as the server's user: one made for it alone.
+        handed = self.data_dir / "initdb-password"
+        handed.write_text(self.password())
+        handed.chmod(0o600)
+        self._chown(handed)
+        try:
+            self._run(str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", "gristmill",
+                      "--auth=scram-sha-256", f"--pwfile={handed}", "--encoding=UTF8",
+                      "--no-sync", "--locale=C")
+        finally:
+            handed.unlink()
+
+    def _choose_port(self) -> int:
+        """The port used last time when it is still free, so URLs stay valid across
+        restarts; else a new one, remembered for next time."""
+        port = _free_port(self.port)
+        if self.port and port != self.port:
+            print(f"note: port {self.port} of the embedded PostgreSQL is taken; it now listens "
+                  f"on {port}", file=sys.stderr)
+        self.port_file.write_text(f"{port}\n")
+        return port
 
     def start(self) -> str:
         """Start the server (initialising it if needed) and return the URL of its database."""
@@ -137,7 +197,7 @@ class EmbeddedPostgres:
             self.stop()  # left running by a session that was killed
         if self.user is not None:
             _open_path_for(self.data_dir)
-        self.port = self.port or _free_port()
+        self.port = self._choose_port()
         options = [
             f"-p {self.port}",
             "-c listen_addresses=127.0.0.1",
@@ -149,14 +209,45 @@ class EmbeddedPostgres:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
         self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-w", "-t", "60",
                   "-l", str(self.data_dir / "postgres.log"), "-o", " ".join(options), "start")
-        self._run(str(self.bin_dir / "createdb"), "-h", str(self.socket_dir), "-p",
-                  str(self.port), "-U", "gristmill", "gristmill", check=False)
+        if self._trusts_everyone():
+            self._require_passwords()
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'gristmill'")
+            if exists.fetchone() is None:
+                conn.execute("CREATE DATABASE gristmill")
         return self.url()
 
+    def _trusts_everyone(self) -> bool:
+        """A data dir made by an earlier release, whose server let anyone in."""
+        hba = (self.pgdata / "pg_hba.conf").read_text()
+        return any(line.split()[-1] == "trust" for line in hba.splitlines()
+                   if line.strip() and not line.lstrip().startswith("#"))
+
+    def _require_passwords(self) -> None:
+        """Give the superuser its password (over the socket, while trust still lets us in),
+        then make every connection prove it."""
+        with psycopg.connect(host=str(self.socket_dir), port=self.port, user="gristmill",
+                             dbname="postgres", autocommit=True) as conn:
+            conn.execute("SET password_encryption = 'scram-sha-256'")
+            conn.execute(sql.SQL("ALTER ROLE gristmill PASSWORD {}").format(
+                sql.Literal(self.password())))
+            hba = self.pgdata / "pg_hba.conf"
+            hba.write_text(re.sub(r"\btrust\s*$", "scram-sha-256", hba.read_text(),
+                                  flags=re.MULTILINE))
+            conn.execute("SELECT pg_reload_conf()")
+        print(f"note: the embedded PostgreSQL in {self.data_dir} now requires a password "
+              f"(kept in {self.password_file})", file=sys.stderr)
+
     def create_database(self, name: str) -> str:
-        self._run(str(self.bin_dir / "createdb"), "-h", str(self.socket_dir), "-p",
-                  str(self.port), "-U", "gristmill", name)
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.url(name)
+
+    def restart(self) -> None:
+        """Stop and start the server with the same options (what `pg_ctl restart` does on a
+        real host: every client connection breaks)."""
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w",
+                  "-t", "60", "-l", str(self.data_dir / "postgres.log"), "restart")
 
     def stop(self) -> None:
         if self.initialised():

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import datetime as dt
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -21,11 +24,13 @@ import psycopg
 from gristmill.api.server import serve
 from gristmill.dev.manifests import apply_manifests
 from gristmill.dev.postgres import EmbeddedPostgres
+from gristmill.housekeeping import DEFAULT_RETENTION, run_housekeeping
 from gristmill.sandbox.process import check_sandbox_available
 from gristmill.store.migrate import migrate_url
 
 log = logging.getLogger("gristmill.dev")
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
 RELOAD_INTERVAL_S = 1.0
 WORKER_STOP_TIMEOUT_S = 15.0
 
@@ -38,6 +43,7 @@ class DevOptions:
     workers: int
     host: str = "127.0.0.1"
     port: int = 8080
+    retention: dt.timedelta = DEFAULT_RETENTION
 
 
 def _manifest_snapshot(paths: list[str]) -> dict[str, tuple[float, int]]:
@@ -53,6 +59,17 @@ def _manifest_snapshot(paths: list[str]) -> dict[str, tuple[float, int]]:
     return snapshot
 
 
+def _terminate_with_parent(parent: int):
+    """A preexec_fn asking the kernel to SIGTERM the child when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arrange() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arrange
+
+
 class WorkerPool:
     """N `gristmill worker` processes serving every tag, restarted when they die."""
 
@@ -63,10 +80,11 @@ class WorkerPool:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         env = {**os.environ, "GRISTMILL_DATABASE_URL": self.database_url}
-        # A session of its own: Ctrl-C reaches `dev`, which stops workers in order.
+        # A session of its own: Ctrl-C reaches `dev`, which stops workers in order. And
+        # SIGTERM when `dev` dies, even of SIGKILL: no worker outlives it.
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gristmill.cli", "worker", "--tags", "*", "--concurrency", "1",
-            env=env, start_new_session=True)
+            env=env, start_new_session=True, preexec_fn=_terminate_with_parent(os.getpid()))
 
     async def start(self) -> None:
         self.processes = [await self._spawn() for _ in range(self.count)]
@@ -118,6 +136,10 @@ async def _reload_forever(url: str, paths: list[str], names: set[tuple[str, str]
             print(f"[reload] {line}", flush=True)
 
 
+def _without_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
 async def run_dev(options: DevOptions, stop: asyncio.Event) -> int:
     check_sandbox_available()
     for path in options.paths:
@@ -130,7 +152,8 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> int:
         server = EmbeddedPostgres(options.data_dir.absolute() / "postgres")
         url = await asyncio.to_thread(server.start)
     workers = WorkerPool(url, options.workers)
-    tasks: list[asyncio.Task] = []
+    tasks: dict[asyncio.Task, str] = {}
+    api = None
     try:
         await migrate_url(url)
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
@@ -140,31 +163,44 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> int:
         names = set(report.names)
         await workers.start()
         api_stop = asyncio.Event()
-        tasks = [
-            asyncio.create_task(serve(url, options.host, options.port, api_stop)),
-            asyncio.create_task(workers.supervise()),
-            asyncio.create_task(_reload_forever(url, options.paths, names)),
-        ]
+        api = asyncio.create_task(serve(url, options.host, options.port, api_stop))
+        tasks = {
+            api: "the API",
+            asyncio.create_task(workers.supervise()): "the worker supervisor",
+            asyncio.create_task(_reload_forever(url, options.paths, names)): "the reloader",
+            asyncio.create_task(run_housekeeping(url, options.retention, api_stop)):
+                "housekeeping",
+        }
         await asyncio.sleep(0.2)  # let the API bind, or fail to
-        if tasks[0].done():
-            tasks[0].result()
+        for task in tasks:
+            if task.done():
+                task.result()
         print(f"gristmill dev: API on http://{options.host}:{options.port}, "
-              f"{options.workers} worker(s), database {url}\n"
+              f"{options.workers} worker(s), database "
+              f"{server.display_url() if server else _without_password(url)}\n"
               f"  try: gristmill run script NAME --input '{{...}}' --wait   (Ctrl-C to stop)",
               flush=True)
         stop_wait = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stop_wait, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
-        if tasks[0] in done:
-            tasks[0].result()
+        done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        # Every part runs until told to stop: one that ends is a bug, and dev says so.
+        died = [task for task in done if task in tasks]
+        for task in died:
+            error = task.exception()
+            if isinstance(error, OSError):
+                raise error  # the API's port, say: reported below in one line
+            log.critical("%s stopped unexpectedly; stopping gristmill dev", tasks[task],
+                         exc_info=error)
         print("gristmill dev: stopping", flush=True)
         api_stop.set()
-        return 0
+        return 1 if died else 0
     except OSError as exc:
         print(f"gristmill: {exc}", file=sys.stderr)
         return 1
     finally:
-        for task in tasks[1:]:
-            task.cancel()
+        for task in tasks:
+            if task is not api:  # the API stops on api_stop, in order
+                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await workers.stop()
         if server is not None:

@@ -623,6 +623,24 @@ async def _job_ended(engine: RunEngine, job: queue.EndedJob) -> None:
                                                     "attempts": job.attempts})
 
 
+async def fail_stuck_runs(conn: psycopg.AsyncConnection, ended: list[queue.EndedJob],
+                          error: dict[str, Any]) -> None:
+    """The last resort when advancing a run raises even for a plain failure (a bug, or a
+    version this release cannot read): the run and the runs above it fail with `error`
+    and their other jobs are cancelled, without the engine, so nothing waits forever."""
+    pending = sorted({job.flow_run_id for job in ended if job.flow_run_id is not None})
+    while pending:
+        run = await flow_store.get_run(conn, pending.pop(), lock=True)
+        if run is None or run.status not in ("queued", "running"):
+            continue
+        await flow_store.mark_finished(conn, run.id, "failed", None, error)
+        jobs = [job_id for job_id, _ in await queue.active_jobs_of_flow_run(conn, run.id)]
+        if jobs:
+            await queue.cancel(conn, jobs, "the flow run failed")
+        if run.parent_run_id is not None:
+            pending.append(run.parent_run_id)
+
+
 async def cancel_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID, reason: str,
                      engine: RunEngine | None = None) -> str:
     """Cancel a run and its sub-flows: running steps are cancelled, nothing new starts."""

@@ -7,6 +7,8 @@ from typing import Any
 from gristmill import labels
 from gristmill.spec import WorkerGroup
 
+HEALTH_PORT = 8081
+
 
 def deployment_name(group_name: str) -> str:
     return f"gristmill-workers-{group_name}"[:63].rstrip("-")
@@ -55,8 +57,12 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
     pods = spec.executor == "pod"
     env = [{"name": "GRISTMILL_DATABASE_URL",
             "valueFrom": {"secretKeyRef": {"name": database_secret, "key": "url"}}}]
+    # The worker's own grace period ends early enough to hand back what still runs and
+    # write its last outcomes before the kubelet's SIGKILL.
     args = ["worker", "--tags", ",".join(spec.tags), "--concurrency", str(spec.concurrency),
-            "--grace-period", str(max(spec.terminationGracePeriodSeconds - 5, 1))]
+            "--grace-period", str(max(spec.terminationGracePeriodSeconds - 10,
+                                      spec.terminationGracePeriodSeconds // 2, 1)),
+            "--health-port", str(HEALTH_PORT)]
     if pods:
         args += ["--executor", "pod"]
         env += [{"name": "GRISTMILL_JOB_IMAGE", "value": spec.image},
@@ -72,6 +78,11 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
         "env": env,
         "resources": spec.resources,
         "securityContext": POD_WORKER_SECURITY if pods else PROCESS_WORKER_SECURITY,
+        "ports": [{"name": "health", "containerPort": HEALTH_PORT}],
+        # Fails when claiming, finishing or heartbeating has not succeeded for a minute
+        # (the worker's --stall-after), so a worker that cannot heal itself is restarted.
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "health"},
+                          "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
     }
     pod_spec: dict[str, Any] = {
         "containers": [container],

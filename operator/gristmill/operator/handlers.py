@@ -11,16 +11,20 @@ its status and autoscaling run in one loop for all groups (groups.py).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import logging
 import os
+import signal
+from collections.abc import Coroutine
 from typing import Any
 
 import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import start_http_server
-from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
+from gristmill.housekeeping import DEFAULT_RETENTION, run_housekeeping
 from gristmill.operator import reconcile
 from gristmill.operator.autoscaler import Autoscaler
 from gristmill.operator.deployment import deployment_name, selector, worker_deployment
@@ -28,13 +32,17 @@ from gristmill.operator.groups import GroupLoop
 from gristmill.operator.job_runner import job_runner_objects
 from gristmill.operator.retrying import retried_when_transient
 from gristmill.spec import WorkerGroup
+from gristmill.store import connections
 from gristmill.store.migrate import migrate_url
 
+log = logging.getLogger("gristmill.operator")
 GROUP, VERSION = "gristmill.io", "v1alpha1"
 DATABASE_SECRET = os.environ.get("GRISTMILL_DATABASE_SECRET", "gristmill-database")
 RECHECK_S = float(os.environ.get("GRISTMILL_RECHECK_INTERVAL", "10"))
 AUTOSCALE_S = float(os.environ.get("GRISTMILL_AUTOSCALE_INTERVAL", "5"))
 METRICS_PORT = int(os.environ.get("GRISTMILL_METRICS_PORT", "0"))  # 0: no /metrics server
+RETENTION = dt.timedelta(seconds=float(os.environ.get(
+    "GRISTMILL_RETENTION_SECONDS", DEFAULT_RETENTION.total_seconds())))
 
 
 @kopf.on.startup()
@@ -44,8 +52,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     url = os.environ["GRISTMILL_DATABASE_URL"]
     await migrate_url(url)  # like the API and the workers: whoever starts first creates it
-    memo.pool = AsyncConnectionPool(url, min_size=1, max_size=4, open=False,
-                                    kwargs={"autocommit": True})
+    memo.pool = connections.pool(url, size=4, min_size=1, name="operator")
     await memo.pool.open(wait=True, timeout=60)
     if METRICS_PORT:
         start_http_server(METRICS_PORT)
@@ -56,14 +63,32 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     namespaces = [n for n in os.environ.get("GRISTMILL_WATCH_NAMESPACES", "").split(",") if n]
     groups = GroupLoop(memo.pool, Autoscaler(period_s=AUTOSCALE_S), AUTOSCALE_S, namespaces)
-    memo.stop_groups = asyncio.Event()
-    memo.groups = asyncio.create_task(groups.run(memo.stop_groups))
+    memo.stop_loops = asyncio.Event()
+    stop = memo.stop_loops
+    memo.loops = [supervised(groups.run(stop), "the WorkerGroup loop", stop),
+                  supervised(run_housekeeping(url, RETENTION, stop), "housekeeping", stop)]
+
+
+def supervised(loop: Coroutine[Any, Any, None], what: str, stop: asyncio.Event
+               ) -> asyncio.Task:
+    """A loop beside kopf's handlers that runs until `stop`: if it ends before, that is a
+    bug, and the operator stops loudly (its Deployment restarts it) rather than limp on."""
+    task = asyncio.create_task(loop, name=what)
+
+    def ended(task: asyncio.Task) -> None:
+        if stop.is_set() or task.cancelled():
+            return
+        log.critical("%s stopped unexpectedly; stopping the operator", what,
+                     exc_info=task.exception())
+        os.kill(os.getpid(), signal.SIGTERM)  # kopf's own orderly shutdown
+    task.add_done_callback(ended)
+    return task
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    memo.stop_groups.set()
-    await memo.groups
+    memo.stop_loops.set()
+    await asyncio.gather(*memo.loops, return_exceptions=True)
     await memo.pool.close()
 
 

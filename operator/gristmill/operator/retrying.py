@@ -8,11 +8,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
-import psycopg
-import psycopg_pool
 from kubernetes.client.exceptions import ApiException
 
 from gristmill.sandbox.pod import api_trouble
+from gristmill.store import connections
 
 FIRST_DELAY_S, MAX_DELAY_S = 1.0, 60.0
 
@@ -20,8 +19,7 @@ FIRST_DELAY_S, MAX_DELAY_S = 1.0, 60.0
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ApiException) and exc.status == 409:  # a conflict: read, write again
         return True
-    return api_trouble(exc) or isinstance(exc, psycopg.OperationalError |
-                                          psycopg_pool.PoolTimeout)
+    return api_trouble(exc) or connections.is_transient(exc)
 
 
 def backoff_delay(retry: int) -> float:

@@ -7,14 +7,19 @@ from collections.abc import Sequence
 
 import psycopg
 
-from gristmill.store import queries
+from gristmill.store import notifications, queries
+from gristmill.values import clean_text
 
 
 async def append(conn: psycopg.AsyncConnection, chunks: Sequence[tuple[uuid.UUID, str]]) -> None:
+    """Store chunks and, at the same commit, wake the followers of their jobs (one NOTIFY
+    on notifications.LOGS_CHANNEL per batch, whatever its size)."""
     if chunks:
         await conn.execute(
             queries.APPEND_LOGS,
-            [[job_id for job_id, _ in chunks], [text.replace("\x00", "") for _, text in chunks]],
+            [[job_id for job_id, _ in chunks], [clean_text(text) for _, text in chunks],
+             notifications.LOGS_CHANNEL,
+             notifications.id_payloads(job_id for job_id, _ in chunks)],
         )
 
 
@@ -23,3 +28,15 @@ async def read(
 ) -> list[tuple[int, str]]:
     cur = await conn.execute(queries.READ_LOGS, [job_id, after_seq, limit])
     return list(await cur.fetchall())
+
+
+async def read_followed(
+    conn: psycopg.AsyncConnection, job_id: uuid.UUID, after_seq: int, limit: int = 1000
+) -> tuple[str | None, list[tuple[int, str]]]:
+    """The job's status (None if unknown) and its chunks after `after_seq`, read in one
+    snapshot: a status that says the job ended comes with all of its log."""
+    cur = await conn.execute(queries.READ_FOLLOWED_LOG,
+                             {"id": job_id, "after": after_seq, "limit": limit})
+    rows = await cur.fetchall()
+    status = rows[0][0] if rows else None
+    return status, [(seq, chunk) for _, seq, chunk in rows if seq is not None]

@@ -1,4 +1,5 @@
-"""Partition upkeep: day partitions created ahead, old ones dropped for retention."""
+"""Partition upkeep and retention: day partitions created ahead, old ones dropped, finished
+flow runs past retention deleted."""
 
 from __future__ import annotations
 
@@ -31,3 +32,34 @@ async def drop_expired_partitions(
         cur = await conn.execute(queries.DROP_PARTITIONS_BEFORE, [table, cutoff])
         dropped += [row[0] for row in await cur.fetchall()]
     return dropped
+
+
+async def purge_default_partitions(conn: psycopg.AsyncConnection, cutoff: dt.datetime) -> None:
+    await conn.execute(queries.PURGE_DEFAULT_HISTORY, [cutoff])
+    await conn.execute(queries.PURGE_DEFAULT_LOGS, [cutoff])
+
+
+async def delete_expired_flow_runs(conn: psycopg.AsyncConnection, cutoff: dt.datetime,
+                                   batch: int = 1000) -> int:
+    """Delete finished flow runs that ended before `cutoff`, a batch per statement so that
+    no statement runs long; return how many top-level runs went."""
+    deleted = 0
+    while True:
+        cur = await conn.execute(queries.DELETE_EXPIRED_FLOW_RUNS, [cutoff, batch])
+        deleted += cur.rowcount
+        if cur.rowcount < batch:
+            return deleted
+
+
+async def oldest_history_day(conn: psycopg.AsyncConnection) -> dt.date | None:
+    cur = await conn.execute(queries.OLDEST_HISTORY_PARTITION)
+    return (await cur.fetchone())[0]
+
+
+async def try_housekeeping_lock(conn: psycopg.AsyncConnection) -> bool:
+    cur = await conn.execute(queries.TRY_HOUSEKEEPING_LOCK)
+    return (await cur.fetchone())[0]
+
+
+async def release_housekeeping_lock(conn: psycopg.AsyncConnection) -> None:
+    await conn.execute(queries.RELEASE_HOUSEKEEPING_LOCK)

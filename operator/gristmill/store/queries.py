@@ -11,11 +11,18 @@ _HISTORY_COLUMNS = (
     " flow_run_id, step_path"
 )
 # What every statement that ends jobs returns, for the flow engine to advance on.
-_ENDED = "id, status, flow_run_id, step_path, kind, input, result, error, attempts"
+# Only a timer's input is read back (it says which timer): a job's own input never is.
+_ENDED = ("id, status, flow_run_id, step_path, kind,"
+          " CASE WHEN kind = 'timer' THEN input END AS input, result, error, attempts")
 
 
+LISTEN_JOBS = "LISTEN gristmill_jobs"
+LISTEN_CANCEL = "LISTEN gristmill_cancel"
 NOTIFY_JOBS = "SELECT pg_notify('gristmill_jobs', tag) FROM unnest(%s::text[]) AS t(tag)"
 NOTIFY_CANCEL = "SELECT pg_notify('gristmill_cancel', %s)"
+NOTIFY_IDS = "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS t(payload)"
+LISTEN = "LISTEN {}"  # the channel, quoted as an identifier
+PING = "SELECT 1"
 
 # --- scripts -----------------------------------------------------------------
 
@@ -55,7 +62,14 @@ SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
                      %s::int[], %s::uuid[], %s::text[], %s::jsonb[], %s::float8[])
 """
 
-CLAIM = "SELECT * FROM gristmill_claim_jobs(%s, %s, %s)"
+# The input comes back as text, parsed per job: a value Python cannot load fails that job,
+# never the claim of every job beside it.
+CLAIM = """
+SELECT id, namespace, kind, script_name, script_hash, tag, priority, input::text AS input,
+       attempt, max_attempts, created_at, scheduled_for, started_at, flow_run_id, step_path,
+       retry_policy, timeout_s
+FROM gristmill_claim_jobs(%s, %s, %s)
+"""
 
 # Requeue failed attempts that have attempts left (unless cancelled), then move
 # every other finished attempt to history, in one statement. An outcome only
@@ -153,16 +167,18 @@ WHERE id = ANY (%s) AND status = 'running' AND NOT cancel_requested RETURNING id
 
 ACTIVE_JOBS_OF_FLOW_RUN = "SELECT id, step_path FROM jobs WHERE flow_run_id = %s"
 
+# Inputs come back as text and are parsed by queue.get_job: one that Python cannot load
+# must not make the job unreadable.
 GET_ACTIVE_JOB = """
-SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input,
+SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input::text AS input,
        NULL::jsonb AS result, last_error AS error, attempt AS attempts, max_attempts, worker_id,
        created_at, scheduled_for, started_at, NULL::timestamptz AS finished_at
 FROM jobs WHERE id = %s
 """
 
 GET_FINISHED_JOB = """
-SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input, result,
-       error, attempts, NULL::int AS max_attempts, worker_id, created_at,
+SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input::text AS input,
+       result, error, attempts, NULL::int AS max_attempts, worker_id, created_at,
        NULL::timestamptz AS scheduled_for, started_at, finished_at
 FROM job_history WHERE id = %s
 """
@@ -183,11 +199,13 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopping = false
 """
 
 # Heartbeat renews the lease on all of a worker's jobs at once and reports
-# which of them someone asked to cancel.
+# whether the worker is still registered and which of its jobs someone asked to cancel.
 HEARTBEAT = """
 WITH beat AS (UPDATE workers SET heartbeat_at = now() WHERE id = %(worker)s RETURNING id)
-SELECT j.id FROM jobs j
-WHERE j.worker_id = %(worker)s AND j.status = 'running' AND j.cancel_requested
+SELECT EXISTS (SELECT 1 FROM beat) AS registered,
+       ARRAY(SELECT j.id FROM jobs j
+             WHERE j.worker_id = %(worker)s AND j.status = 'running' AND j.cancel_requested
+            ) AS cancel
 """
 
 DEREGISTER_WORKER = "DELETE FROM workers WHERE id = %s"
@@ -207,8 +225,25 @@ AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.worker_id = w.id)
 
 # --- logs --------------------------------------------------------------------
 
+# The chunks and the wake-up of their followers, in one statement (one commit).
 APPEND_LOGS = """
-INSERT INTO job_logs (job_id, chunk) SELECT * FROM unnest(%s::uuid[], %s::text[])
+WITH appended AS (
+    INSERT INTO job_logs (job_id, chunk) SELECT * FROM unnest(%s::uuid[], %s::text[])
+)
+SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS t(payload)
+"""
+
+# A followed log: the job's status and the chunks after a seq, in one statement, so one
+# snapshot: if the job shows as ended, every chunk it stored (before ending) is here.
+READ_FOLLOWED_LOG = """
+SELECT (SELECT status FROM jobs WHERE id = %(id)s
+        UNION ALL SELECT status FROM job_history WHERE id = %(id)s LIMIT 1),
+       l.seq, l.chunk
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (
+    SELECT seq, chunk FROM job_logs WHERE job_id = %(id)s AND seq > %(after)s
+    ORDER BY seq LIMIT %(limit)s
+) AS l ON true
 """
 
 READ_LOGS = """
@@ -219,6 +254,33 @@ SELECT seq, chunk FROM job_logs WHERE job_id = %s AND seq > %s ORDER BY seq LIMI
 
 ENSURE_PARTITIONS = "SELECT gristmill_ensure_partitions(%s, %s, %s)"
 DROP_PARTITIONS_BEFORE = "SELECT gristmill_drop_partitions_before(%s, %s)"
+
+# One housekeeper at a time, whatever the number of replicas (a session lock: each step
+# commits on its own, so none holds locks that finishing workers wait for).
+HOUSEKEEPING_LOCK = 0x6772_686B  # "grhk"
+TRY_HOUSEKEEPING_LOCK = f"SELECT pg_try_advisory_lock({HOUSEKEEPING_LOCK})"
+RELEASE_HOUSEKEEPING_LOCK = f"SELECT pg_advisory_unlock({HOUSEKEEPING_LOCK})"
+
+# Rows a skewed clock put in the default partitions age out like the others.
+PURGE_DEFAULT_HISTORY = "DELETE FROM job_history_default WHERE finished_at < %s"
+PURGE_DEFAULT_LOGS = "DELETE FROM job_logs_default WHERE created_at < %s"
+
+# A batch of finished top-level flow runs past retention (their steps, iterations and
+# sub-flow runs go with them).
+DELETE_EXPIRED_FLOW_RUNS = """
+DELETE FROM flow_runs WHERE id IN (
+    SELECT id FROM flow_runs
+    WHERE parent_run_id IS NULL AND finished_at < %s
+      AND status IN ('succeeded', 'failed', 'cancelled')
+    LIMIT %s)
+"""
+
+# The first day still kept of the history (partitions are named <table>_pYYYYMMDD).
+OLDEST_HISTORY_PARTITION = """
+SELECT min(to_date(right(c.relname, 8), 'YYYYMMDD')) FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'job_history'::regclass AND c.relname ~ '^job_history_p[0-9]{8}$'
+"""
 
 # --- flows ---------------------------------------------------------------------
 
@@ -331,3 +393,27 @@ UPDATE flow_iterations SET result = %s WHERE run_id = %s AND path = %s AND index
 ITERATION_RESULTS = """
 SELECT result FROM flow_iterations WHERE run_id = %s AND path = %s ORDER BY index
 """
+
+# --- idempotency keys ------------------------------------------------------------
+
+# One holder per key at a time, until its transaction ends: a concurrent duplicate
+# learns the key is busy instead of racing it to a second run.
+LOCK_IDEMPOTENCY_KEY = """
+SELECT pg_try_advisory_xact_lock(hashtextextended(%s || '/' || %s || '/' || %s, 0))
+"""
+
+GET_IDEMPOTENCY_KEY = """
+SELECT fingerprint, status, response FROM idempotency_keys
+WHERE namespace = %s AND route = %s AND key = %s AND created_at > now() - %s
+"""
+
+# A row past its lifetime that retention has not deleted yet is replaced.
+PUT_IDEMPOTENCY_KEY = """
+INSERT INTO idempotency_keys (namespace, route, key, fingerprint, status, response)
+VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (namespace, route, key) DO UPDATE SET
+    fingerprint = excluded.fingerprint, status = excluded.status,
+    response = excluded.response, created_at = now()
+"""
+
+DELETE_EXPIRED_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at <= now() - %s"

@@ -18,7 +18,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from gristmill.store import queries
+from gristmill import values
+from gristmill.store import notifications, queries
 
 JOBS_CHANNEL = "gristmill_jobs"
 CANCEL_CHANNEL = "gristmill_cancel"
@@ -63,6 +64,23 @@ class ClaimedJob:
     step_path: str | None = None
     retry_policy: dict[str, Any] | None = None
     timeout_s: float | None = None
+    input_problem: str | None = None  # why `input` could not be read; the job cannot run
+
+
+def _claimed(row: dict[str, Any]) -> ClaimedJob:
+    try:
+        job_input, problem = values.loads(row["input"], "input"), None
+    except values.ValueProblem as exc:
+        job_input, problem = {}, exc.message
+    return ClaimedJob(
+        id=row["id"], namespace=row["namespace"], kind=row["kind"],
+        script_name=row["script_name"], script_hash=row["script_hash"], tag=row["tag"],
+        priority=row["priority"], input=job_input, attempt=row["attempt"],
+        max_attempts=row["max_attempts"], created_at=row["created_at"],
+        scheduled_for=row["scheduled_for"], started_at=row["started_at"],
+        flow_run_id=row["flow_run_id"], step_path=row["step_path"],
+        retry_policy=row["retry_policy"], timeout_s=row["timeout_s"], input_problem=problem,
+    )
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,13 @@ async def _ended(cur: psycopg.AsyncCursor) -> list[EndedJob]:
     return [EndedJob(*row) for row in await cur.fetchall()]
 
 
+async def _notify_ended(conn: psycopg.AsyncConnection, jobs: Sequence[EndedJob]) -> None:
+    """Tell log followers (the API) which jobs ended: one NOTIFY per statement that ended
+    any, delivered at its commit."""
+    await notifications.send_ids(conn, notifications.ENDED_CHANNEL,
+                                 [job.id for job in jobs if job.status != "requeued"])
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How one attempt ended, as the worker reports it."""
@@ -98,6 +123,12 @@ class Outcome:
     result: Any = None
     error: dict[str, Any] | None = None
     retry_delay: float | None = None  # seconds; set when a failed attempt should be retried
+
+
+async def listen(conn: psycopg.AsyncConnection) -> None:
+    """Subscribe `conn` to wake-ups (payload: a tag, or '*') and cancellations (a job id)."""
+    await conn.execute(queries.LISTEN_JOBS)
+    await conn.execute(queries.LISTEN_CANCEL)
 
 
 async def enqueue(conn: psycopg.AsyncConnection, jobs: Sequence[NewJob]) -> list[uuid.UUID]:
@@ -138,18 +169,7 @@ async def claim(
     """Lease up to `limit` due jobs of `tags` to `worker_id` (commit to make it stick)."""
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(queries.CLAIM, [worker_id, list(tags), limit])
-    return [
-        ClaimedJob(
-            id=row["id"], namespace=row["namespace"], kind=row["kind"],
-            script_name=row["script_name"], script_hash=row["script_hash"], tag=row["tag"],
-            priority=row["priority"], input=row["input"], attempt=row["attempt"],
-            max_attempts=row["max_attempts"], created_at=row["created_at"],
-            scheduled_for=row["scheduled_for"], started_at=row["started_at"],
-            flow_run_id=row["flow_run_id"], step_path=row["step_path"],
-            retry_policy=row["retry_policy"], timeout_s=row["timeout_s"],
-        )
-        for row in await cur.fetchall()
-    ]
+    return [_claimed(row) for row in await cur.fetchall()]
 
 
 async def finish(
@@ -174,7 +194,9 @@ async def finish(
             "retry_delays": [o.retry_delay for o in outcomes],
         },
     )
-    return await _ended(cur)
+    ended = await _ended(cur)
+    await _notify_ended(conn, ended)
+    return ended
 
 
 async def hand_back(
@@ -199,6 +221,7 @@ async def reap(conn: psycopg.AsyncConnection, lease: dt.timedelta) -> list[Ended
     }
     cur = await conn.execute(queries.REAP, {"lease": lease, "error": Jsonb(error)})
     reaped = await _ended(cur)
+    await _notify_ended(conn, reaped)
     if any(job.status == "requeued" for job in reaped):
         # The requeued jobs' tags are not at hand here; a broadcast wake is cheap and rare.
         await conn.execute("SELECT pg_notify(%s, '*')", [JOBS_CHANNEL])
@@ -219,6 +242,7 @@ async def cancel(
     error = {"kind": "cancelled", "message": reason}
     cur = await conn.execute(queries.CANCEL_QUEUED, {"ids": list(job_ids), "error": Jsonb(error)})
     ended = await _ended(cur)
+    await _notify_ended(conn, ended)
     cur = await conn.execute(queries.CANCEL_RUNNING, [list(job_ids)])
     signalled = [row[0] for row in await cur.fetchall()]
     for job_id in signalled:
@@ -241,6 +265,10 @@ async def get_job(conn: psycopg.AsyncConnection, job_id: uuid.UUID) -> dict[str,
         await cur.execute(query, [job_id])
         row = await cur.fetchone()
         if row:
+            try:
+                row["input"] = values.loads(row["input"], "input")
+            except values.ValueProblem:
+                row["input"] = None  # shown as absent; the job itself says why it failed
             return row
     return None
 

@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import psycopg
 
@@ -24,10 +25,17 @@ async def register(
     )
 
 
-async def heartbeat(conn: psycopg.AsyncConnection, worker_id: str) -> set[uuid.UUID]:
-    """Renew the lease on the worker's jobs; return those someone asked to cancel."""
+@dataclass(frozen=True)
+class Heartbeat:
+    registered: bool  # False: the worker's row is gone (forgotten during an outage)
+    cancel: frozenset[uuid.UUID]  # its running jobs that someone asked to cancel
+
+
+async def heartbeat(conn: psycopg.AsyncConnection, worker_id: str) -> Heartbeat:
+    """Renew the lease on the worker's jobs."""
     cur = await conn.execute(queries.HEARTBEAT, {"worker": worker_id})
-    return {row[0] for row in await cur.fetchall()}
+    registered, cancel = await cur.fetchone()
+    return Heartbeat(registered, frozenset(cancel))
 
 
 async def deregister(conn: psycopg.AsyncConnection, worker_id: str) -> None:

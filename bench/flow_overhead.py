@@ -8,13 +8,17 @@ With one worker (concurrency 1), wall time from submit to result of
 the same two workloads as Prefect flows of tasks, run locally by the Python
 given with --prefect-python (a virtualenv with `pip install prefect`);
 then a forEach over --fanout-items items with parallelism 100 on one worker
-process of concurrency 8: items per second.
+process of concurrency 8: items per second; and what one CEL evaluation costs:
+the library alone, the evaluator's inline path, its guarded path (a child
+process reached from a thread), and how long a runaway expression runs before
+it is stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import subprocess
 import textwrap
@@ -27,8 +31,10 @@ from common import throwaway_postgres
 
 from gristmill.flows import engine
 from gristmill.flows.apply import apply_flow
+from gristmill.flows.evaluator import Evaluator
 from gristmill.sandbox.process import ProcessExecutor
 from gristmill.spec import Flow, Script, load_manifest_text
+from gristmill.spec.expressions import ExpressionError, compile_expression
 from gristmill.store import flows as flow_store
 from gristmill.store import scripts as script_store
 from gristmill.worker.loop import Worker, WorkerConfig
@@ -170,6 +176,46 @@ def prefect_timings(python: str) -> dict[str, float] | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+async def expression_costs() -> dict[str, float]:
+    """Microseconds per evaluation of a typical step input, median of 5 rounds of 2,000."""
+    context = {"flow_input": {"batch": "b-42", "count": 4}, "results": {"fetch": [1, 2, 3]},
+               "env": {}}
+    typical = compile_expression("{'batch': flow_input.batch, 'n': size(results.fetch)}")
+    looping = compile_expression("results.fetch.map(x, x * 2)")
+    evaluator = Evaluator()
+
+    async def per_call(call) -> float:
+        rounds = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(2000):
+                await call()
+            rounds.append((time.perf_counter() - started) / 2000 * 1e6)
+        return sorted(rounds)[2]
+
+    async def library():
+        typical.program.execute(context)
+
+    async def inline():
+        await evaluator.evaluate(typical, context)
+
+    async def guarded():
+        await evaluator.evaluate(looping, context)
+
+    try:
+        await guarded()  # start a child
+        costs = {"library": await per_call(library), "inline": await per_call(inline),
+                 "guarded": await per_call(guarded)}
+        hostile = "flow_input.xs.map(a, flow_input.xs.map(b, a * b))"
+        started = time.perf_counter()
+        with contextlib.suppress(ExpressionError):
+            await evaluator.evaluate(hostile, {"flow_input": {"xs": list(range(1000))}})
+        costs["stopped_after_s"] = time.perf_counter() - started
+    finally:
+        evaluator.close()
+    return costs
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fanout-items", type=int, default=10000)
@@ -207,6 +253,13 @@ async def main() -> None:
                   f"(prefect/gristmill {timings['long'] / long:.2f})")
     print(f"forEach over {args.fanout_items} items, parallelism 100, one worker of "
           f"concurrency 8: {fan_time:.1f} s, {args.fanout_items / fan_time:.0f} items/s")
+    costs = await expression_costs()
+    print("one CEL evaluation (median of 5 x 2,000):")
+    print(f"  the cel library alone                   {costs['library']:6.1f} us")
+    print(f"  evaluator, inline (no macro, small)     {costs['inline']:6.1f} us")
+    print(f"  evaluator, guarded (child via thread)   {costs['guarded']:6.1f} us")
+    print(f"  a runaway nested map over 1,000 items stopped after {costs['stopped_after_s']:.2f} s"
+          f" (it ran 67 s in the API's event loop before)")
 
 
 if __name__ == "__main__":

@@ -172,3 +172,30 @@ def flow_yaml(spec: str) -> str:
 def test_bad_flows_say_which_step_and_expression(spec, expected):
     errors = errors_of(flow_yaml(spec))
     assert errors and any(expected in e for e in errors), errors
+
+
+def test_large_python_code_is_checked_in_a_child_process():
+    # Past 64 KiB the code is parsed by a memory-capped child; the answers are the same.
+    filler = "".join(f"value_{i} = {i}\n" for i in range(8000))
+    assert len(filler) > 64 * 1024
+    good = "def main(name: str, count: int = 2):\n    pass\n" + filler
+    loaded = load_manifest_text(script_yaml(f"language: python\ncode: |\n"
+                                            f"{textwrap.indent(good, '  ')}"), "m.yaml")
+    assert not loaded.errors, loaded.errors
+    schema = loaded.resources[0].spec.input_schema()
+    assert schema["required"] == ["name"] and schema["properties"]["count"]["default"] == 2
+    bad = filler + "def main(:\n    pass\n"
+    (error,) = errors_of(script_yaml(f"language: python\ncode: |\n{textwrap.indent(bad, '  ')}"))
+    assert "spec.code: Python syntax error at line 8001" in error
+    no_main = filler
+    (error,) = errors_of(script_yaml(f"language: python\ncode: |\n"
+                                     f"{textwrap.indent(no_main, '  ')}"))
+    assert "spec.code: define a function main(...)" in error
+
+
+def test_summaries_keep_the_first_problems_and_count_the_rest():
+    from gristmill.spec.problems import some_of, summarize
+    assert summarize([f"p{i}" for i in range(11)]) == [f"p{i}" for i in range(11)]
+    assert summarize([f"p{i}" for i in range(2000)])[-1] == "and 1,990 more"
+    assert some_of(["a", "b", "c"], 2) == "a, b, c"
+    assert some_of([str(i) for i in range(100)], 3) == "0, 1, 2, ... and 97 more"

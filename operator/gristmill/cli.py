@@ -286,10 +286,17 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    import psycopg
+
     from gristmill.dev.manifests import apply_paths
 
     url = _database_url(args)
-    report = asyncio.run(apply_paths(url, args.paths))
+    try:
+        report = asyncio.run(apply_paths(url, args.paths))
+    except (psycopg.Error, OSError) as exc:
+        print(f"gristmill: cannot apply to the database: {' '.join(str(exc).split())}",
+              file=sys.stderr)
+        return 1
     for line in report.lines():
         print(line)
     return 1 if report.errors else 0
@@ -464,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="write one file per CRD here (e.g. crds/)")
     p.set_defaults(func=cmd_crds)
 
-    p = sub.add_parser("apply", help="store Script manifests in the database (no cluster)")
+    p = sub.add_parser("apply", help="store Script and Flow manifests in the database (no cluster)")
     p.add_argument("paths", nargs="+")
     db_args(p)
     p.set_defaults(func=cmd_apply)

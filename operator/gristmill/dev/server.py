@@ -110,15 +110,26 @@ class WorkerPool:
 
 
 async def _reload_forever(url: str, paths: list[str], names: set[tuple[str, str]]) -> None:
+    """Re-apply the manifests when a file changes. Nothing a file holds stops this loop: a
+    failed reload is reported and tried again (quietly) until a later edit fixes it."""
     snapshot = _manifest_snapshot(paths)
+    last_failure = None
     while True:
         await asyncio.sleep(RELOAD_INTERVAL_S)
-        current = _manifest_snapshot(paths)
-        if current == snapshot:
+        try:
+            current = _manifest_snapshot(paths)
+            if current == snapshot:
+                continue
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                report = await apply_manifests(conn, paths, previously=names)
+        except Exception as exc:  # noqa: BLE001 (the loop must outlive any one reload)
+            failure = f"[reload] failed: {type(exc).__name__}: {exc}"[:2000]
+            if failure != last_failure:
+                print(f"{failure}; retrying", flush=True)
+                log.debug("reload failed", exc_info=True)
+            last_failure, snapshot = failure, {}  # {}: try again next round
             continue
-        snapshot = current
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            report = await apply_manifests(conn, paths, previously=names)
+        snapshot, last_failure = current, None
         names.clear()
         names.update(report.names)
         for line in report.lines() or ["manifests changed; nothing to apply"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg
 
 from gristmill.spec import Flow, FlowSpec
+from gristmill.spec.problems import summarize
 from gristmill.store import flows as flow_store
 from gristmill.store import scripts as script_store
 
@@ -19,7 +20,8 @@ async def _spec_of(conn: psycopg.AsyncConnection, namespace: str, name: str,
 
 async def flow_problems(conn: psycopg.AsyncConnection, flow: Flow,
                         pending: dict[str, FlowSpec] | None = None) -> list[str]:
-    """What keeps a Flow from running: missing Scripts or sub-flows, a sub-flow cycle.
+    """What keeps a Flow from running: missing Scripts or sub-flows, a sub-flow cycle (the
+    first few, then how many more).
 
     `pending` holds Flows of the same namespace being applied together, which
     may refer to each other.
@@ -47,7 +49,7 @@ async def flow_problems(conn: psycopg.AsyncConnection, flow: Flow,
                 problems.append(f"sub-flow {child!r} does not exist in namespace {namespace!r}")
             else:
                 stack.append((child, child_spec, (*trail, child)))
-    return problems
+    return summarize(problems)
 
 
 async def apply_flow(conn: psycopg.AsyncConnection, flow: Flow) -> tuple[str, bool]:

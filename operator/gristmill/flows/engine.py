@@ -15,6 +15,7 @@ when due; their completion comes back here like any other.
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -24,9 +25,10 @@ from typing import Any
 import psycopg
 
 from gristmill.flows import catalog
+from gristmill.flows.evaluator import evaluator
 from gristmill.flows.plan import ON_FAILURE, FlowPlan, Indices, parse_path, step_path
 from gristmill.spec import InputError, check_input, parse_duration
-from gristmill.spec.expressions import ExpressionError, evaluate, referenced_steps
+from gristmill.spec.expressions import ExpressionError, referenced_steps
 from gristmill.store import flows as flow_store
 from gristmill.store import queue
 from gristmill.store import scripts as script_store
@@ -34,6 +36,9 @@ from gristmill.store.flows import FlowRun, StepRow
 
 CONTROL_TAG = "_control"
 ACTIVE = ("sleeping", "running", "suspended")
+# Each evaluation has its own budget (1 s); one advance (a job's end and all that follows
+# in its transaction: a forEach starting 100 iterations, say) has this much in all.
+EXPRESSIONS_PER_ADVANCE_S = 5.0
 
 
 class FlowError(Exception):
@@ -63,6 +68,7 @@ class Effects:
 
     jobs: list[queue.NewJob] = field(default_factory=list)
     cancel_jobs: list[uuid.UUID] = field(default_factory=list)
+    expression_seconds: float = 0.0  # spent evaluating, against EXPRESSIONS_PER_ADVANCE_S
     moves: deque[tuple[RunEngine, Callable[..., Awaitable[None]], tuple]] = field(
         default_factory=deque)
 
@@ -118,10 +124,22 @@ class RunEngine:
         info = self.plan.steps[step_id]
         ctx = await self.context(step_id, indices, info.reads | extra_reads)
         try:
-            return evaluate(expression, ctx)
+            return await self._timed_evaluation(expression, ctx)
         except ExpressionError as exc:
             raise StepFailure(_error("expression", f"step {step_id} {what}: {exc}",
                                      step_id)) from None
+
+    async def _timed_evaluation(self, expression: str, ctx: dict[str, Any]) -> Any:
+        remaining = EXPRESSIONS_PER_ADVANCE_S - self.effects.expression_seconds
+        if remaining <= 0:
+            raise ExpressionError(f"not evaluated: this advance of the flow already spent "
+                                  f"{EXPRESSIONS_PER_ADVANCE_S:g} s on expressions (their "
+                                  f"budget); make the expressions cheaper")
+        started = time.monotonic()
+        try:
+            return await evaluator.evaluate(expression, ctx, seconds=remaining)
+        finally:
+            self.effects.expression_seconds += time.monotonic() - started
 
     # ---- starting steps ----------------------------------------------------------------
 
@@ -362,7 +380,7 @@ class RunEngine:
             return
         ctx = await self.context(None, (), frozenset(referenced_steps(output)))
         try:
-            result = evaluate(output, ctx)
+            result = await self._timed_evaluation(output, ctx)
         except ExpressionError as exc:
             await self.finish("failed", error=_error("expression", f"output: {exc}"))
             return

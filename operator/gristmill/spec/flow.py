@@ -7,19 +7,37 @@ and Flows exist, no sub-flow cycles) is checked when a Flow is applied.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gristmill.spec.expressions import ExpressionError, compile_expression, referenced_steps
+from gristmill.spec.expressions import (
+    MAX_EXPRESSION_LENGTH,
+    ExpressionError,
+    analyse,
+    compile_expression,
+    shown,
+)
 from gristmill.spec.meta import ObjectMeta
+from gristmill.spec.problems import clip, some_of, summarize
 from gristmill.spec.quantities import Duration
-from gristmill.spec.script import EnvVar, ScriptSpec, content_hash
+from gristmill.spec.script import (
+    EnvVar,
+    ScriptSpec,
+    check_schema_depth,
+    check_storable,
+    content_hash,
+)
 
 STEP_ID_PATTERN = r"^[a-z_][a-z0-9_]*$"
 ACTIONS = ("script", "inline", "branchOne", "branchAll", "forEach", "flow")
+MAX_STEPS = 1000  # in a Flow, nested ones and onFailure included
+MAX_STEP_DEPTH = 16  # steps inside steps (branches, forEach bodies)
+_NESTED = (("branchOne", "branches"), ("branchOne", "default"), ("branchAll", "branches"),
+           ("steps",))
+
+Expression = Annotated[str, Field(max_length=MAX_EXPRESSION_LENGTH)]
 
 
 class _Strict(BaseModel):
@@ -40,24 +58,29 @@ class Suspend(_Strict):
 
 
 class Branch(_Strict):
-    when: str = Field(description="CEL condition; the first branch whose condition holds runs.")
-    steps: list[Step] = Field(min_length=1, description="Steps of the branch.")
+    when: Expression = Field(description="CEL condition; the first branch whose condition "
+                                         "holds runs.")
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,
+                              description="Steps of the branch.")
 
 
 class BranchOne(_Strict):
-    branches: list[Branch] = Field(min_length=1, description="Branches, tried in order.")
-    default: list[Step] = Field(default_factory=list,
+    branches: list[Branch] = Field(min_length=1, max_length=MAX_STEPS,
+                                   description="Branches, tried in order.")
+    default: list[Step] = Field(default_factory=list, max_length=MAX_STEPS,
                                 description="Steps run when no branch condition holds.")
 
 
 class ParallelBranch(_Strict):
     name: str | None = Field(None, description="A label for people.")
-    steps: list[Step] = Field(min_length=1, description="Steps of the branch.")
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,
+                              description="Steps of the branch.")
 
 
 class BranchAll(_Strict):
     parallel: bool = Field(True, description="Run the branches at once (true) or in order.")
-    branches: list[ParallelBranch] = Field(min_length=1, description="Branches that all run.")
+    branches: list[ParallelBranch] = Field(min_length=1, max_length=MAX_STEPS,
+                                           description="Branches that all run.")
 
 
 class Step(_Strict):
@@ -68,22 +91,23 @@ class Step(_Strict):
     inline: ScriptSpec | None = Field(None, description="A one-off Script written in place.")
     branchOne: BranchOne | None = Field(None, description="Run the first branch whose `when` holds.")
     branchAll: BranchAll | None = Field(None, description="Run every branch.")
-    forEach: str | None = Field(None, description="CEL expression giving a list; `steps` run "
+    forEach: Expression | None = Field(None, description="CEL expression giving a list; `steps` run "
                                                   "once per item with iter.value and iter.index.")
-    steps: list[Step] | None = Field(None, description="The loop body of a forEach step.")
+    steps: list[Step] | None = Field(None, max_length=MAX_STEPS,
+                                     description="The loop body of a forEach step.")
     parallelism: int = Field(1, ge=1, le=10000,
                              description="forEach: iterations at once (1 = one after another).")
     flow: str | None = Field(None, description="Name of a Flow to run as a sub-flow.")
-    input: dict[str, str] = Field(default_factory=dict,
-                                  description="Argument name to CEL expression.")
+    input: dict[str, Expression] = Field(default_factory=dict,
+                                         description="Argument name to CEL expression.")
     retry: RetryPolicy | None = Field(None, description="Retries of a script, inline step.")
     timeout: Duration | None = Field(None, description="Time limit of one attempt of a script "
                                                         "or inline step (overrides the Script's).")
-    skipWhen: str | None = Field(None, description="CEL condition; when true the step is "
+    skipWhen: Expression | None = Field(None, description="CEL condition; when true the step is "
                                                    "skipped and its result is null.")
     continueOnError: bool = Field(False, description="A failure of this step does not fail the "
                                                      "flow; its result is then the error.")
-    stopWhen: str | None = Field(None, description="CEL condition evaluated after the step; "
+    stopWhen: Expression | None = Field(None, description="CEL condition evaluated after the step; "
                                                    "when true the flow ends successfully with "
                                                    "this step's result.")
     sleep: Duration | None = Field(None, description="Wait this long before the step starts.")
@@ -145,10 +169,13 @@ class FlowSpec(_Strict):
     description: str | None = Field(None, description="What the flow does.")
     input: dict[str, Any] = Field(default_factory=lambda: {"type": "object"},
                                   description="JSON Schema of the flow's input.")
-    steps: list[Step] = Field(min_length=1, description="The steps, run in order.")
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,
+                              description=f"The steps, run in order; at most {MAX_STEPS} in "
+                                          f"the whole Flow, nested at most {MAX_STEP_DEPTH} "
+                                          f"deep.")
     onFailure: Step | None = Field(None, description="Runs when the flow fails; its expressions "
                                                      "see error.message and error.step.")
-    output: str | None = Field(None, description="CEL expression of the flow's result "
+    output: Expression | None = Field(None, description="CEL expression of the flow's result "
                                                  "(default: the last step's result).")
     timeout: Duration | None = Field(None, description="The whole run's time limit.")
     concurrency: int | None = Field(None, ge=1, description="Runs of this flow at once; "
@@ -157,11 +184,23 @@ class FlowSpec(_Strict):
     env: list[EnvVar] = Field(default_factory=list,
                               description="Constants readable as env.<NAME> in expressions.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        check_size(data)
+        check_storable(data)
+        if isinstance(data, dict) and "input" in data:
+            try:
+                check_schema_depth(data["input"])
+            except ValueError as exc:
+                raise ValueError(f"input: {exc}") from None
+        return data
+
     @model_validator(mode="after")
     def _check_graph(self) -> FlowSpec:
         errors = check_flow(self)
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ValueError("; ".join(summarize(errors)))
         return self
 
     def all_steps(self) -> Iterator[tuple[Step, int]]:
@@ -185,6 +224,44 @@ class FlowSpec(_Strict):
         return {step.flow for step, _ in self.all_steps() if step.flow}
 
 
+def check_size(data: Any) -> None:
+    """Refuse a Flow with more than MAX_STEPS steps or steps nested deeper than
+    MAX_STEP_DEPTH, before pydantic (recursive) reads it; iterative, so any depth is safe."""
+    if not isinstance(data, dict):
+        return
+    roots = [("steps", data.get("steps")), ("onFailure", [data.get("onFailure")])]
+    stack = [(path, steps, 1) for path, steps in roots if isinstance(steps, list)]
+    count = 0
+    while stack:
+        path, steps, depth = stack.pop()
+        for i, step in enumerate(steps):
+            if not isinstance(step, dict):
+                continue
+            where = f"{path}[{i}]" if path != "onFailure" else path
+            count += 1
+            if count > MAX_STEPS:
+                raise ValueError(f"the Flow has more than {MAX_STEPS} steps (nested ones "
+                                 f"included): split it into sub-flows")
+            if depth > MAX_STEP_DEPTH:
+                step_id = step.get("id")
+                named = f"step {clip(step_id, 63)!r}" if isinstance(step_id, str) else where
+                raise ValueError(f"{named} is nested {depth} steps deep; the limit is "
+                                 f"{MAX_STEP_DEPTH}: move the inner part into a sub-flow")
+            for nested in _NESTED:
+                container = step
+                for key in nested[:-1]:
+                    container = container.get(key) if isinstance(container, dict) else None
+                inner = container.get(nested[-1]) if isinstance(container, dict) else None
+                inner_path = f"{where}.{'.'.join(nested)}"
+                if nested[-1] == "branches" and isinstance(inner, list):
+                    stack.extend((f"{inner_path}[{b}].steps", branch.get("steps"), depth + 1)
+                                 for b, branch in enumerate(inner)
+                                 if isinstance(branch, dict)
+                                 and isinstance(branch.get("steps"), list))
+                elif isinstance(inner, list):
+                    stack.append((inner_path, inner, depth + 1))
+
+
 def _loop_depths(spec: FlowSpec) -> dict[str, int]:
     return {step.id: depth for step, depth in spec.all_steps()}
 
@@ -198,30 +275,34 @@ def check_flow(spec: FlowSpec) -> list[str]:
             errors.append(f"step id {step.id!r} is used twice; step ids must be unique")
         seen.add(step.id)
     depths = _loop_depths(spec)
+    known = sorted(depths)
     for step, depth in spec.all_steps():
         for field, expression in step.expressions():
-            errors += _check_expression(f"step {step.id!r} {field}", expression, depths, depth)
+            errors += _check_expression(f"step {step.id!r} {field}", expression, depths, known,
+                                        depth)
     if spec.output:
-        errors += _check_expression("output", spec.output, depths, 0)
+        errors += _check_expression("output", spec.output, depths, known, 0)
     return errors
 
 
-def _check_expression(where: str, expression: str, depths: dict[str, int],
+def _check_expression(where: str, expression: str, depths: dict[str, int], known: list[str],
                       depth: int) -> list[str]:
     try:
         compile_expression(expression)
     except ExpressionError as exc:
         return [f"{where}: {exc}"]
+    analysis = analyse(expression)
     problems = []
-    for ref in referenced_steps(expression):
+    for ref in sorted(analysis.steps):
         if ref not in depths:
-            problems.append(f"{where}: {expression!r} refers to unknown step {ref!r} "
-                            f"(known: {', '.join(sorted(depths))})")
+            problems.append(f"{where}: {shown(expression)} refers to unknown step {ref!r} "
+                            f"(known: {some_of(known, 5)})")
         elif depths[ref] > depth:
-            problems.append(f"{where}: {expression!r} reads step {ref!r} from inside a forEach "
-                            f"it is not in; read the forEach step's result (a list) instead")
-    if depth == 0 and re.search(r"\biter\b", expression) and where != "output":
-        problems.append(f"{where}: {expression!r} uses iter outside a forEach")
+            problems.append(f"{where}: {shown(expression)} reads step {ref!r} from inside a "
+                            f"forEach it is not in; read the forEach step's result (a list) "
+                            f"instead")
+    if depth == 0 and "iter" in analysis.free_variables and where != "output":
+        problems.append(f"{where}: {shown(expression)} uses iter outside a forEach")
     return problems
 
 

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import re
 import shutil
 import subprocess
+import sys
 from typing import Any, Literal
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from gristmill.spec import python_inputs
 from gristmill.spec.meta import ObjectMeta
-from gristmill.spec.python_inputs import find_main, infer_input_schema
 from gristmill.spec.quantities import CpuQuantity, Duration, MemoryQuantity
+from gristmill.values import ValueProblem, check_json
+
+MAX_CODE_LENGTH = 1 << 20  # characters (1 MiB of ASCII): larger programs belong in an image
+# Python code longer than this is parsed in a child process with a memory cap (parsing
+# costs ~400 bytes per byte of code: 1 MiB took 0.4-0.5 GB); shorter code, in process.
+PARSE_IN_PROCESS_LIMIT = 64 * 1024
+PARSE_MEMORY_BYTES = 1 << 30
+CODE_CHECK_TIMEOUT_S = 30.0
+MAX_SCHEMA_DEPTH = 32  # nesting of an input JSON Schema
 
 _REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?\s*"
                           r"((===?|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+\s*,?\s*)*$")
@@ -60,8 +69,9 @@ class EnvVar(_Strict):
 
 class ScriptSpec(_Strict):
     language: Literal["python", "bash"] = Field(description="The language of `code`.")
-    code: str = Field(min_length=1, description="The program. Python: a main(...) function "
-                                                "whose parameters are the inputs.")
+    code: str = Field(min_length=1, max_length=MAX_CODE_LENGTH,
+                      description="The program, at most 1 MiB (1,048,576 characters). Python: "
+                                  "a main(...) function whose parameters are the inputs.")
     description: str | None = Field(None, description="What the Script does.")
     requirements: list[str] = Field(default_factory=list,
                                     description="pip requirements (Python only), installed "
@@ -81,6 +91,13 @@ class ScriptSpec(_Strict):
                                                                 "nothing else reaches it.")
     input: dict[str, Any] | None = Field(None, description="JSON Schema of the input; inferred "
                                                            "from main() for Python when absent.")
+    _inferred_input: dict[str, Any] | None = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        check_storable(data)
+        return data
 
     @field_validator("requirements")
     @classmethod
@@ -90,6 +107,12 @@ class ScriptSpec(_Strict):
                 raise ValueError(f"{requirement!r} is not a pip requirement such as "
                                  f"'requests==2.32.3'")
         return requirements
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_is_shallow(cls, schema: Any) -> Any:
+        check_schema_depth(schema)
+        return schema
 
     @field_validator("input")
     @classmethod
@@ -111,7 +134,7 @@ class ScriptSpec(_Strict):
         if duplicates:
             raise ValueError(f"env: {', '.join(duplicates)} given more than once")
         if self.language == "python":
-            _check_python(self.code)
+            self._inferred_input = _check_python(self.code)
         else:
             if self.requirements:
                 raise ValueError("requirements are for Python Scripts; install tools for bash "
@@ -127,7 +150,9 @@ class ScriptSpec(_Strict):
         if self.input is not None:
             return self.input
         if self.language == "python":
-            return infer_input_schema(self.code)
+            if self._inferred_input is None:
+                self._inferred_input = _check_python(self.code)
+            return self._inferred_input
         # A bash Script that declares no inputs takes any object as environment variables.
         return {"type": "object", "properties": {}, "additionalProperties": True}
 
@@ -135,21 +160,66 @@ class ScriptSpec(_Strict):
         return content_hash(self)
 
 
-def _check_python(code: str) -> None:
+def check_storable(data: Any) -> None:
+    """Refuse what PostgreSQL's jsonb cannot store (NUL, NaN, over-deep nesting), naming the
+    field, so a spec applied through Kubernetes fails its check, not its database write."""
     try:
-        tree = ast.parse(code)
-    except SyntaxError as exc:
-        raise ValueError(f"code: Python syntax error at line {exc.lineno}: {exc.msg}") from None
-    if find_main(tree) is None:
-        raise ValueError("code: define a function main(...) whose parameters are the "
-                         "Script's inputs")
+        check_json(data, "")
+    except ValueProblem as exc:
+        raise ValueError(f"{exc.where.lstrip('.') or 'spec'}: {exc.reason}") from None
+
+
+def check_schema_depth(schema: Any) -> None:
+    """An input schema nested deeper than any real one is refused before jsonschema reads it
+    (it recurses: a schema 10,000 levels deep was a RecursionError)."""
+    try:
+        check_json(schema, "schema", max_depth=MAX_SCHEMA_DEPTH)
+    except ValueProblem as exc:
+        raise ValueError(exc.reason) from None
+
+
+def _check_python(code: str) -> dict[str, Any]:
+    """The input schema inferred from main; ValueError("code: ...") when the code does not
+    parse or has no main."""
+    if len(code) <= PARSE_IN_PROCESS_LIMIT:
+        try:
+            return python_inputs.check_code(code)
+        except ValueError as exc:
+            raise ValueError(f"code: {exc}") from None
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", python_inputs.__file__, str(PARSE_MEMORY_BYTES)],
+            input=code, capture_output=True, text=True, timeout=CODE_CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"code: parsing it took longer than {CODE_CHECK_TIMEOUT_S:g} s; "
+                         f"make the Script smaller") from None
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        answer = {"error": "memory"}  # the child died: out of memory, most likely
+    if answer.get("error") == "memory":
+        raise ValueError(f"code: parsing it needs more than {PARSE_MEMORY_BYTES >> 20} MiB "
+                         f"of memory; make the Script smaller")
+    if "error" in answer:
+        raise ValueError(f"code: {answer['error']}")
+    return answer["schema"]
 
 
 def _check_bash(code: str) -> None:
     bash = shutil.which("bash")
     if bash is None:
         return
-    result = subprocess.run([bash, "-n"], input=code, capture_output=True, text=True, timeout=10)
+    if "\x00" in code:
+        raise ValueError("code: contains a NUL character, which bash cannot read")
+    try:
+        result = subprocess.run([bash, "-n"], input=code, capture_output=True, text=True,
+                                timeout=CODE_CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"code: bash -n took longer than {CODE_CHECK_TIMEOUT_S:g} s to read "
+                         f"it; make the Script smaller") from None
+    if result.returncode < 0:
+        raise ValueError(f"code: bash -n crashed reading it (signal {-result.returncode}); "
+                         f"nest command substitutions less deeply")
     if result.returncode != 0:
         message = result.stderr.strip().splitlines()[0] if result.stderr.strip() else "invalid"
         raise ValueError(f"code: bash syntax error: {message.replace('bash: ', '')}")

@@ -149,7 +149,8 @@ async def test_cannot_read_root_or_the_workers_secrets(executor, monkeypatch):
             seen = dict(os.environ)
             for path in glob.glob("/proc/*/environ"):
                 try:
-                    seen[path] = open(path, "rb").read().decode(errors="replace")
+                    text = open(path, "rb").read().decode(errors="replace")
+                    seen[path] = text.replace("\\0", "\\n")  # a result holds no NUL
                 except OSError:
                     pass
             try:

@@ -1,13 +1,20 @@
 """The `process` executor: each job in a bubblewrap sandbox of its own, under limits.
 
 As root, the job runs as a uid of its own (one per concurrent job, see uids.py)
-with every capability dropped: setpriv -> prlimit -> bwrap. bwrap gives it new
-user, pid, net, ipc, uts and mount namespaces, a read-only view of the system
-directories only (not /root, /home, /var, /run, /tmp), a private writable work
-dir at /work, a private /tmp, no network unless the Script asks, and an empty
-environment but for what the Script declares. rlimits cap memory (address
-space), CPU time, processes (per uid, hence one uid per job), file size and
-core dumps; the worker enforces wall-clock time and output size.
+with every capability dropped; command.py builds the chain of tools that
+confines it. The job sees a read-only view of the system directories only
+(not /root, /home, /var, /run), a private /work and /tmp on a tmpfs capped in
+bytes and inodes (spec.resources.disk), no network unless the Script asks
+(and then a network namespace of its own with outbound access), no nested
+user namespaces, a seccomp filter (seccomp.py), and an empty environment but
+for what the Script declares. rlimits cap memory (address space), CPU time,
+processes (per uid, hence one uid per job), file size and core dumps; the
+worker enforces wall-clock time and output size.
+
+The worker reads nothing the job can name: output comes on pipes, the outcome
+on a pipe of its own (runtimes/base.py), and bwrap reports on a status pipe
+whether the job started at all, which tells a sandbox that could not be set
+up from a job that failed.
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import math
+import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gristmill.runtimes import get_runtime
+from gristmill.runtimes.base import Report
 from gristmill.sandbox.base import (
     JobOutcome,
     JobRequest,
@@ -34,14 +43,19 @@ from gristmill.sandbox.base import (
     failure,
     killed_by_signal,
 )
+from gristmill.sandbox.command import PATH, SITE_DIR, JobDir, JobFds, job_command
 from gristmill.sandbox.requirements import RequirementsCache
+from gristmill.sandbox.safedir import UnsafePath, ensure_dir
+from gristmill.sandbox.seccomp import filter_fd, job_filter
 from gristmill.sandbox.uids import UidPool
+from gristmill.values import clean_text
 
-SITE_DIR = "/opt/gristmill/site"  # where a job's requirements are mounted
-SYSTEM_DIRS = ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc")
-PATH = "/usr/local/bin:/usr/bin:/bin"
-CPU_GRACE_S = 5  # between SIGXCPU and SIGKILL
+__all__ = ["PATH", "SITE_DIR", "ProcessExecutor", "check_sandbox_available", "drain_pipe",
+           "sandbox_python"]
+
 _SIGXCPU_EXIT = 128 + signal.SIGXCPU
+STDERR_TAIL = 4096  # characters of stderr kept to explain a sandbox that did not start
+TUN = "/dev/net/tun"
 
 
 def sandbox_python() -> str:
@@ -56,11 +70,13 @@ def check_sandbox_available() -> None:
     if shutil.which("bwrap") is None:
         raise SandboxUnavailable("bubblewrap (bwrap) not found; install it with: "
                                  "apt-get install -y bubblewrap")
-    if os.geteuid() == 0:
-        for tool in ("setpriv", "prlimit"):
-            if shutil.which(tool) is None:
-                raise SandboxUnavailable(f"{tool} not found; install it with: "
-                                         f"apt-get install -y util-linux")
+    tools = ["unshare", "prlimit", "mount"] + (["setpriv"] if os.geteuid() == 0 else [])
+    for tool in tools:
+        if shutil.which(tool) is None:
+            package = "mount" if tool == "mount" else "util-linux"
+            raise SandboxUnavailable(f"{tool} not found; install it with: "
+                                     f"apt-get install -y {package}")
+    job_filter()  # libseccomp present and the filter compiles
     probe = subprocess.run(["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--", "true"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
@@ -70,14 +86,28 @@ def check_sandbox_available() -> None:
             f"or use the pod executor")
 
 
-def _system_binds() -> list[str]:
-    args: list[str] = []
-    for path in SYSTEM_DIRS:
-        if os.path.islink(path):  # merged /usr: /bin -> usr/bin
-            args += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
-            args += ["--ro-bind", path, path]
-    return args
+def network_problem() -> str | None:
+    """Why `network: true` jobs cannot run here, or None."""
+    if shutil.which("pasta") is None:
+        return ("sandbox.network needs pasta on the worker: apt-get install -y passt")
+    try:
+        st = os.stat(TUN)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISCHR(st.st_mode) or st.st_mode & 0o006 != 0o006:
+        return (f"sandbox.network needs {TUN} that every user may open (mode 0666, as udev "
+                f"makes it): chmod 0666 {TUN} (as root), or in Kubernetes give the worker "
+                f"pod the node's {TUN} device")
+    return None
+
+
+def _default_work_dir() -> Path:
+    configured = os.environ.get("GRISTMILL_WORK_DIR")
+    if configured:
+        return Path(configured)
+    if os.geteuid() == 0:
+        return Path("/var/lib/gristmill/jobs")
+    return Path(tempfile.gettempdir()) / f"gristmill-jobs-{os.geteuid()}"
 
 
 class _Stream:
@@ -88,6 +118,7 @@ class _Stream:
         self.cap = cap
         self.total = 0
         self.kept: list[str] | None = [] if keep else None
+        self.tail = ""
         self.exceeded = asyncio.Event()
 
     async def pump(self, reader: asyncio.StreamReader, counter: list[int]) -> None:
@@ -99,11 +130,34 @@ class _Stream:
                 # sees the pipe close and the process's exit is never reported.
                 self.exceeded.set()
                 continue
-            text = decoder.decode(chunk)
+            text = clean_text(decoder.decode(chunk))
             if text:
                 self.on_output(text)
+                self.tail = (self.tail + text)[-STDERR_TAIL:]
                 if self.kept is not None:
                     self.kept.append(text)
+
+
+async def drain_pipe(fd: int, feed: Callable[[bytes], None]) -> None:
+    """Read the pipe `fd` (ours, closed here) to its end, handing each chunk to `feed`."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+    try:
+        while chunk := await reader.read(65536):
+            feed(chunk)
+    finally:
+        transport.close()
+
+
+def _started(status: bytes) -> bool:
+    """Whether bwrap's JSON status says the job's process started."""
+    for line in status.decode(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            if "child-pid" in json.loads(line):
+                return True
+    return False
 
 
 class ProcessExecutor:
@@ -111,37 +165,13 @@ class ProcessExecutor:
                  python: str | None = None):
         check_sandbox_available()
         self.as_root = os.geteuid() == 0
-        self.work_dir = Path(work_dir or os.environ.get("GRISTMILL_WORK_DIR")
-                             or Path(tempfile.gettempdir()) / "gristmill-jobs")
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.work_dir.chmod(0o711)  # job uids may enter their own dir, not list the others
+        try:  # job uids may enter their own dir, not list the others
+            self.work_dir = ensure_dir(Path(work_dir or _default_work_dir()).absolute(), 0o711)
+        except UnsafePath as exc:
+            raise SandboxUnavailable(f"the work dir is not safe: {exc}") from None
         self.python = python or sandbox_python()
         self.requirements = RequirementsCache(cache_dir)
         self.uids = UidPool() if self.as_root else None
-
-    def _command(self, uid: int | None, request: JobRequest, argv: list[str], env: dict[str, str],
-                 workdir: Path, site: Path | None) -> list[str]:
-        limits = request.limits
-        cpu = max(1, math.ceil(limits.timeout_s * limits.cpu_cores))
-        command: list[str] = []
-        if uid is not None:
-            command += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                        "--inh-caps=-all", "--bounding-set=-all", "--"]
-        command += ["prlimit", f"--as={limits.memory_bytes}", f"--cpu={cpu}:{cpu + CPU_GRACE_S}",
-                    f"--nproc={limits.max_processes}", f"--fsize={limits.max_file_bytes}",
-                    "--core=0", "--nofile=1024", "--"]
-        command += ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
-                    "--cap-drop", "ALL", "--hostname", "sandbox", *_system_binds(),
-                    "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-                    "--bind", str(workdir), "/work", "--chdir", "/work", "--clearenv"]
-        if request.network:
-            command.append("--share-net")
-        if site is not None:
-            command += ["--ro-bind", str(site), SITE_DIR]
-        command += ["--remount-ro", "/"]  # after the mounts: only /work and /tmp stay writable
-        for name, value in env.items():
-            command += ["--setenv", name, value]
-        return [*command, "--", *argv]
 
     def _environment(self, request: JobRequest, site: Path | None) -> dict[str, str]:
         env = {"PATH": PATH, "HOME": "/work", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
@@ -154,6 +184,8 @@ class ProcessExecutor:
     async def run(self, request: JobRequest, on_output: Callable[[str], None],
                   cancel: asyncio.Event) -> JobOutcome:
         runtime = get_runtime(request.language)
+        if request.network and (problem := network_problem()):
+            return failure("setup", problem)
         site = None
         if request.requirements:
             try:
@@ -162,29 +194,47 @@ class ProcessExecutor:
                 return failure("setup", str(exc))
         with contextlib.ExitStack() as stack:
             uid = stack.enter_context(self.uids.lease()) if self.uids else None
-            workdir = Path(tempfile.mkdtemp(prefix=f"job-{request.job_id[:8]}-",
-                                            dir=self.work_dir))
-            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-            argv = runtime.prepare(request, workdir, self.python)
+            job_dir = JobDir(Path(tempfile.mkdtemp(prefix=f"job-{request.job_id[:8]}-",
+                                                   dir=self.work_dir)))
+            stack.callback(shutil.rmtree, job_dir.root, ignore_errors=True)
+            job_dir.files.mkdir()
+            job_dir.disk.mkdir()
+            fds = stack.enter_context(_OwnedFds())
+            report_read, report_write = fds.add(*os.pipe())
+            status_read, status_write = fds.add(*os.pipe())
+            seccomp = fds.add(filter_fd())[0]
+            argv = runtime.prepare(request, job_dir.files, self.python, report_write)
             if uid is not None:
-                for path in (workdir, *workdir.rglob("*")):
+                for path in (job_dir.root, *job_dir.root.rglob("*")):
                     os.chown(path, uid, uid, follow_symlinks=False)
-            workdir.chmod(0o700)
-            command = self._command(uid, request, argv, self._environment(request, site),
-                                    workdir, site)
-            return await self._supervise(request, runtime, command, workdir, on_output, cancel)
+            job_dir.root.chmod(0o700)
+            command = job_command(uid=uid, limits=request.limits, network=request.network,
+                                  argv=argv, env=self._environment(request, site),
+                                  job_dir=job_dir, site=site,
+                                  fds=JobFds(seccomp=seccomp, status=status_write,
+                                             outcome=report_write))
+            return await self._supervise(request, runtime, command, fds,
+                                         (report_write, status_write, seccomp),
+                                         (report_read, status_read), on_output, cancel)
 
-    async def _supervise(self, request: JobRequest, runtime, command: list[str], workdir: Path,
+    async def _supervise(self, request: JobRequest, runtime, command: list[str],
+                         fds: _OwnedFds, child_ends: tuple[int, ...], our_ends: tuple[int, int],
                          on_output: Callable[[str], None], cancel: asyncio.Event) -> JobOutcome:
         limits: Limits = request.limits
         process = await asyncio.create_subprocess_exec(
             *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, cwd="/", env={"PATH": PATH},
-            start_new_session=True)
+            start_new_session=True, pass_fds=child_ends)
+        for fd in child_ends:  # only the sandbox holds them now: EOF when it ends
+            fds.close(fd)
+        report, status = Report(), bytearray()
+        report_read, status_read = our_ends
         counter = [0]
         out = _Stream(on_output, limits.max_output_bytes, keep=True)
         err = _Stream(on_output, limits.max_output_bytes, keep=False)
-        pumps = asyncio.gather(out.pump(process.stdout, counter), err.pump(process.stderr, counter))
+        pumps = asyncio.gather(out.pump(process.stdout, counter), err.pump(process.stderr, counter),
+                               drain_pipe(fds.release(report_read), report.feed),
+                               drain_pipe(fds.release(status_read), status.extend))
         waits = {
             "exited": asyncio.ensure_future(asyncio.shield(pumps)),
             "cancelled": asyncio.ensure_future(cancel.wait()),
@@ -207,12 +257,41 @@ class ProcessExecutor:
         if reason == "output_limit":
             return failure("output_limit", f"printed more than {limits.max_output_bytes} bytes "
                                            f"(spec.resources.maxOutput)")
+        if not _started(bytes(status)):
+            tail = err.tail.strip() or f"exit code {exit_code}"
+            return failure("setup", f"the sandbox could not start the job: {tail}")
         if exit_code == _SIGXCPU_EXIT or exit_code == -signal.SIGXCPU:
             return failure("cpu", "used up its CPU time (spec.timeout x spec.resources.cpu)")
-        outcome = runtime.outcome(request, workdir, exit_code, "".join(out.kept or []))
+        outcome = runtime.outcome(request, exit_code, "".join(out.kept or []), report)
         if not outcome.ok and outcome.error.get("kind") == "exit":
             return killed_by_signal(exit_code) or outcome
         return outcome
+
+
+class _OwnedFds(contextlib.AbstractContextManager):
+    """File descriptors this job's run must close, each exactly once: closing a number twice
+    could close another job's pipe that reused it."""
+
+    def __init__(self) -> None:
+        self.open: set[int] = set()
+
+    def add(self, *fds: int) -> tuple[int, ...]:
+        self.open.update(fds)
+        return fds
+
+    def release(self, fd: int) -> int:
+        """`fd`, now closed by whoever it is handed to."""
+        self.open.remove(fd)
+        return fd
+
+    def close(self, fd: int) -> None:
+        if fd in self.open:
+            self.open.remove(fd)
+            os.close(fd)
+
+    def __exit__(self, *exc_info) -> None:
+        for fd in list(self.open):
+            self.close(fd)
 
 
 async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
@@ -226,6 +305,6 @@ async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
 
 def _kill(process: asyncio.subprocess.Process) -> None:
     # bwrap dies, its pid-1 child gets SIGKILL (--die-with-parent), and with it
-    # every process of the job's pid namespace.
+    # every process of the job's pid namespace; pasta, for network jobs, is in the group.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)

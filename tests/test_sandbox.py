@@ -6,33 +6,17 @@ import asyncio
 import glob
 import os
 import socket
-import textwrap
 import time
 
 import pytest
+from sandboxkit import make_executor, run
 
 from gristmill.sandbox.base import JobRequest, Limits
-from gristmill.sandbox.process import ProcessExecutor
 
 
 @pytest.fixture(scope="module")
 def executor(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sandbox")
-    base.chmod(0o755)
-    for parent in base.parents:  # pytest's tmp dirs are 0700; job uids must traverse them
-        if parent == parent.parent:
-            break
-        parent.chmod(parent.stat().st_mode | 0o001)
-    return ProcessExecutor(work_dir=base / "jobs", cache_dir=base / "cache")
-
-
-async def run(executor, code: str, language: str = "python", cancel: asyncio.Event | None = None,
-              output: list[str] | None = None, **request):
-    request.setdefault("input", {})
-    return await executor.run(
-        JobRequest(job_id="0123456789abcdef", language=language, code=textwrap.dedent(code),
-                   **request),
-        (output if output is not None else []).append, cancel or asyncio.Event())
+    return make_executor(tmp_path_factory.mktemp("sandbox"))
 
 
 async def test_python_job_returns_mains_result(executor):
@@ -166,25 +150,27 @@ async def test_cannot_read_root_or_the_workers_secrets(executor, monkeypatch):
     assert isinstance(outcome.result["root"], str)  # an error, not a listing
 
 
-async def test_no_network_unless_asked():
+async def test_no_network_unless_asked(executor):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
-    code = f"""
-        import socket
-
-        def main():
-            socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
-            return "connected"
-    """
-    executor = ProcessExecutor()
     try:
-        refused = await run(executor, code)
+        refused = await run(executor, f"""
+            import socket
+
+            def main():
+                socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
+        """)
         assert refused.error["kind"] == "exception"
         assert "ConnectionRefusedError" in refused.error["message"]
-        allowed = await run(executor, code, network=True)
-        assert allowed.ok and allowed.result == "connected"
+        unreachable = await run(executor, """
+            import socket
+
+            def main():
+                socket.create_connection(("198.18.0.1", 80), timeout=2).close()
+        """)
+        assert "Network is unreachable" in unreachable.error["message"]  # only lo exists
     finally:
         listener.close()
 

@@ -132,7 +132,7 @@ class PythonRuntime:
     def outcome(self, request: JobRequest, exit_code: int, stdout: str,
                 report: Report) -> JobOutcome:
         if report.overflowed:
-            return too_large("main() returned")
+            return too_large("main() returned", at_least=report.cap)
         if not report.size:
             return failure("exit", f"the Python process exited with code {exit_code} before "
                                    f"main() returned")

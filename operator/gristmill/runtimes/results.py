@@ -32,8 +32,11 @@ def too_large_message(what: str, amount: str) -> str:
             f"reference to it")
 
 
-def too_large(what: str, size: int | None = None) -> JobOutcome:
-    amount = f"{size_text(size)} of JSON" if size is not None else "far more JSON than that"
+def too_large(what: str, size: int | None = None, at_least: int | None = None) -> JobOutcome:
+    """The failure of a result of `size` bytes, or of more than `at_least` (when the reader
+    stopped keeping it)."""
+    amount = (f"{size_text(size)} of JSON" if size is not None
+              else f"more than {size_text(at_least or MAX_RESULT_BYTES)} of JSON")
     return failure("result", too_large_message(what, amount))
 
 

@@ -130,10 +130,11 @@ class _Stream:
                 # sees the pipe close and the process's exit is never reported.
                 self.exceeded.set()
                 continue
-            text = clean_text(decoder.decode(chunk))
+            text = decoder.decode(chunk)
             if text:
-                self.on_output(text)
-                self.tail = (self.tail + text)[-STDERR_TAIL:]
+                shown = clean_text(text)  # the log; the result (bash's stdout) is checked
+                self.on_output(shown)
+                self.tail = (self.tail + shown)[-STDERR_TAIL:]
                 if self.kept is not None:
                     self.kept.append(text)
 

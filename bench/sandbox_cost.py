@@ -4,7 +4,8 @@
 
 1. executor only: a trivial Python job (def main(): return 1) run by the
    bubblewrap ProcessExecutor, and by a plain subprocess running the same
-   wrapper (PlainExecutor, no isolation): p50/p99 and the difference;
+   wrapper (PlainExecutor, no isolation): p50/p99 and the difference; the
+   same job with `sandbox.network: true` (its own network namespace, pasta);
 2. end to end: the same job submitted to the queue one at a time with one
    idle worker (LISTEN/NOTIFY wake-up, claim, sandbox, completion), p50/p99
    from enqueue to the result committed.
@@ -23,7 +24,7 @@ from common import percentile, throwaway_postgres
 
 from gristmill.sandbox.base import JobRequest
 from gristmill.sandbox.plain import PlainExecutor
-from gristmill.sandbox.process import ProcessExecutor
+from gristmill.sandbox.process import ProcessExecutor, network_problem
 from gristmill.spec import load_manifest_text
 from gristmill.store import queue
 from gristmill.store import scripts as script_store
@@ -41,10 +42,11 @@ spec:
 """
 
 
-async def time_executor(executor, jobs: int) -> list[float]:
+async def time_executor(executor, jobs: int, network: bool = False) -> list[float]:
     timings = []
     for i in range(jobs):
-        request = JobRequest(job_id=f"bench{i:08d}", language="python", code=CODE, input={})
+        request = JobRequest(job_id=f"bench{i:08d}", language="python", code=CODE, input={},
+                             network=network)
         started = time.perf_counter()
         outcome = await executor.run(request, lambda _: None, asyncio.Event())
         timings.append((time.perf_counter() - started) * 1000)
@@ -89,12 +91,18 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=100)
     args = parser.parse_args()
-    sandboxed = await time_executor(ProcessExecutor(), args.jobs)
+    sandbox = ProcessExecutor()
+    sandboxed = await time_executor(sandbox, args.jobs)
     plain = await time_executor(PlainExecutor(), args.jobs)
     print(line("plain subprocess (no isolation)", plain))
     print(line("bubblewrap sandbox", sandboxed))
     print(f"{'sandbox overhead':<34} p50 "
           f"{statistics.median(sandboxed) - statistics.median(plain):6.1f} ms")
+    if network_problem() is None:
+        print(line("sandbox, network: true (pasta)", await time_executor(sandbox, args.jobs,
+                                                                         network=True)))
+    else:
+        print(f"network: true not measured: {network_problem()}")
     async with throwaway_postgres(f"bench_{uuid.uuid4().hex[:6]}") as (_, url):
         print(line("submit to result, one idle worker", await end_to_end(url, args.jobs)))
 

@@ -1,13 +1,22 @@
 """The command line that puts one job in its sandbox, outermost first.
 
-    setpriv (as root: the job's own uid, no capabilities)
-      [pasta ... --]  network jobs: a user and network namespace with outbound access only
+    setpriv (as root: the job's own uid, no capabilities; killed if the worker dies)
+      [pasta ... -- setpriv]  network jobs: a user and network namespace with outbound
+                              access only (and again killed if pasta dies)
         prlimit (memory, CPU time, processes, file size, open files, no core dumps)
-          unshare [--user --map-root-user] --mount   (the user namespace: unless pasta's)
+          unshare [--user --map-root-user] --mount --pid --fork --kill-child
             sh MOUNT_DISK (a tmpfs of `disk` bytes and inodes, holding /work and /tmp)
               bwrap (new user, pid, ipc, uts, cgroup [and net] namespaces, no nested user
                      namespaces, read-only system dirs, seccomp filter, empty environment)
                 the runtime's argv
+
+Nothing of a job outlives its worker: the first process dies with the worker
+(parent-death signal), unshare's child with unshare (--kill-child), and that
+child, the shell that becomes bwrap's monitor, is the init of a pid namespace
+holding all the rest, so when it dies for any reason the kernel kills every
+process of the job. (bwrap's own sandbox process waits for the monitor at
+start-up: without the outer pid namespace, a monitor killed at that moment
+left it waiting forever.)
 
 bwrap can cap a tmpfs's size but not its inodes, so the disk is mounted by a
 shell in a user and mount namespace of the job's own (no privilege beyond
@@ -34,11 +43,11 @@ PATH = "/usr/local/bin:/usr/bin:/bin"
 CPU_GRACE_S = 5  # between SIGXCPU and SIGKILL
 MAX_OPEN_FILES = 1024
 
-# $1 bytes, $2 inodes, $3 the mount point, $4 the job's files; then the command to run.
+# $1 bytes, $2 inodes, $3 the mount point, $4 what goes on it (work/ and tmp/); then the
+# command to run. One cp for both directories: every exec here is paid by every job.
 MOUNT_DISK = r"""set -e
 mount -n -t tmpfs -o "size=$1,nr_inodes=$2,mode=0755" gristmill-disk "$3"
-mkdir -m 1777 "$3/tmp"
-cp -R "$4" "$3/work"
+cp -R --preserve=mode "$4/." "$3"
 shift 4
 exec "$@"
 """
@@ -53,18 +62,29 @@ PASTA = ("pasta", "--config-net", "--quiet", "--foreground",
 
 @dataclass(frozen=True)
 class JobDir:
-    """A job's directory on the host: `files` (what the runtime wrote, copied to /work) and
-    `disk`, where the job's tmpfs is mounted inside its own mount namespace only."""
+    """A job's directory on the host: `stage` (work/, what the runtime wrote, and an empty
+    tmp/), copied onto the job's tmpfs, and `disk`, where that tmpfs is mounted inside the
+    job's own mount namespace only (on the host it stays empty)."""
 
     root: Path
 
     @property
+    def stage(self) -> Path:
+        return self.root / "stage"
+
+    @property
     def files(self) -> Path:
-        return self.root / "files"
+        return self.stage / "work"
 
     @property
     def disk(self) -> Path:
         return self.root / "disk"
+
+    def create(self) -> None:
+        self.files.mkdir(parents=True)
+        (self.stage / "tmp").mkdir()
+        (self.stage / "tmp").chmod(0o1777)
+        self.disk.mkdir()
 
 
 @dataclass(frozen=True)
@@ -96,17 +116,20 @@ def rlimits(limits: Limits) -> list[str]:
 def job_command(*, uid: int | None, limits: Limits, network: bool, argv: list[str],
                 env: Mapping[str, str], job_dir: JobDir, site: Path | None,
                 fds: JobFds) -> list[str]:
-    command: list[str] = []
+    command = ["setpriv", "--pdeathsig", "SIGKILL"]
     if uid is not None:
-        command += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                    "--inh-caps=-all", "--bounding-set=-all", "--"]
+        command += [f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+                    "--bounding-set=-all"]
+    command.append("--")
+    tree = ["--mount", "--pid", "--fork", "--kill-child", "--"]
     if network:  # pasta outside the rlimits: its buffers alone would eat a small --as
-        command += [*PASTA, "--", *rlimits(limits), "unshare", "--mount", "--"]
+        command += [*PASTA, "--", "setpriv", "--pdeathsig", "SIGKILL", "--", *rlimits(limits),
+                    "unshare", *tree]
     else:
-        command += [*rlimits(limits), "unshare", "--user", "--map-root-user", "--mount", "--"]
+        command += [*rlimits(limits), "unshare", "--user", "--map-root-user", *tree]
     disk = job_dir.disk
     command += ["/bin/sh", "-c", MOUNT_DISK, "sh", str(limits.disk_bytes),
-                str(limits.disk_inodes), str(disk), str(job_dir.files)]
+                str(limits.disk_inodes), str(disk), str(job_dir.stage)]
     # The job sees its own uid, as the host does: bwrap maps it onto the namespace root
     # that unshare or pasta made of it.
     job_uid = uid if uid is not None else os.getuid()

@@ -163,7 +163,7 @@ def _started(status: bytes) -> bool:
 
 class ProcessExecutor:
     def __init__(self, work_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-                 python: str | None = None):
+                 python: str | None = None, uids: UidPool | None = None):
         check_sandbox_available()
         self.as_root = os.geteuid() == 0
         try:  # job uids may enter their own dir, not list the others
@@ -172,7 +172,9 @@ class ProcessExecutor:
             raise SandboxUnavailable(f"the work dir is not safe: {exc}") from None
         self.python = python or sandbox_python()
         self.requirements = RequirementsCache(cache_dir)
-        self.uids = UidPool() if self.as_root else None
+        self.uids = (uids or UidPool()) if self.as_root else None
+        if self.uids is not None:
+            self.uids.reap_orphans()  # what a worker that died here left behind
 
     def _environment(self, request: JobRequest, site: Path | None) -> dict[str, str]:
         env = {"PATH": PATH, "HOME": "/work", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
@@ -198,8 +200,7 @@ class ProcessExecutor:
             job_dir = JobDir(Path(tempfile.mkdtemp(prefix=f"job-{request.job_id[:8]}-",
                                                    dir=self.work_dir)))
             stack.callback(shutil.rmtree, job_dir.root, ignore_errors=True)
-            job_dir.files.mkdir()
-            job_dir.disk.mkdir()
+            job_dir.create()
             fds = stack.enter_context(_OwnedFds())
             report_read, report_write = fds.add(*os.pipe())
             status_read, status_write = fds.add(*os.pipe())

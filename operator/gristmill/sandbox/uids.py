@@ -5,6 +5,11 @@ uid, so two jobs must never share one, even across worker processes: each
 uid is leased by holding an exclusive flock on a file named after it. The lock
 files live in a directory only root may write (see safedir.py): a local user
 who could create them first could hold every uid, or point them elsewhere.
+
+A uid nobody holds has no job, so any process still running as it was left by
+a worker that died at a moment its jobs could not follow it (pasta's or
+bwrap's start-up, which wait on their parent): a starting worker kills those
+(reap_orphans), holding each uid's lock while it does.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,16 +36,23 @@ class UidPool:
         self.first, self.count = first, count
         self._next = os.getpid() % count  # processes start their search apart
 
+    def _try_lock(self, uid: int) -> int | None:
+        """The fd holding `uid`'s lock, or None when another lease holds it."""
+        fd = os.open(self.lock_dir / f"{uid}.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
     @contextlib.contextmanager
     def lease(self) -> Iterator[int]:
         for step in range(self.count):
             uid = self.first + (self._next + step) % self.count
-            fd = os.open(self.lock_dir / f"{uid}.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW,
-                         0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = self._try_lock(uid)
+            if fd is None:
                 continue
             self._next = (self._next + step + 1) % self.count
             try:
@@ -47,3 +61,33 @@ class UidPool:
                 os.close(fd)  # releases the lock
             return
         raise RuntimeError(f"all {self.count} sandbox uids are in use on this host")
+
+    def reap_orphans(self) -> int:
+        """Kill every process running as a uid of the pool that no lease holds; how many."""
+        by_uid: dict[int, list[int]] = defaultdict(list)
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:  # not the owner of /proc/PID: a process that is not dumpable shows root's
+                with open(f"/proc/{entry.name}/status") as status:
+                    fields = dict(line.split(":", 1) for line in status if ":" in line)
+                uid = int(fields["Uid"].split()[0])
+            except (OSError, KeyError, ValueError):
+                continue
+            if fields.get("State", "").strip().startswith("Z"):
+                continue  # already dead, waiting for its parent
+            if self.first <= uid < self.first + self.count:
+                by_uid[uid].append(int(entry.name))
+        killed = 0
+        for uid, pids in by_uid.items():
+            fd = self._try_lock(uid)
+            if fd is None:
+                continue  # a live job's
+            try:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed += 1
+            finally:
+                os.close(fd)
+        return killed

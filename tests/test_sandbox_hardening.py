@@ -358,3 +358,10 @@ def test_the_default_directories_are_roots_not_under_tmp(monkeypatch):
     assert requirements._default_cache_dir() == Path("/var/cache/gristmill/requirements")
     assert process._default_work_dir() == Path("/var/lib/gristmill/jobs")
     assert uids.UidPool().lock_dir == Path("/run/gristmill/uids")
+
+
+def test_a_work_dir_the_job_uids_cannot_reach_is_refused_at_start_up(tmp_path):
+    tmp_path.chmod(0o700)
+    with pytest.raises(SandboxUnavailable, match=f"cannot reach the work dir .*: {tmp_path} "
+                                                 f"is mode 700; chmod o\\+x {tmp_path}"):
+        ProcessExecutor(work_dir=tmp_path / "jobs")

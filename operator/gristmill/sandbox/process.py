@@ -30,7 +30,8 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from gristmill.runtimes import get_runtime
@@ -99,6 +100,17 @@ def network_problem() -> str | None:
                 f"makes it): chmod 0666 {TUN} (as root), or in Kubernetes give the worker "
                 f"pod the node's {TUN} device")
     return None
+
+
+def _check_reachable(work_dir: Path) -> None:
+    """Job uids start in their dir under `work_dir`: every directory above it must let
+    others through."""
+    for directory in work_dir.parents:
+        if not directory.stat().st_mode & stat.S_IXOTH:
+            raise SandboxUnavailable(
+                f"the sandbox's uids cannot reach the work dir {work_dir}: {directory} is "
+                f"mode {stat.S_IMODE(directory.stat().st_mode):o}; chmod o+x {directory}, or "
+                f"use a work dir whose parents others may enter")
 
 
 def _default_work_dir() -> Path:
@@ -174,7 +186,9 @@ class ProcessExecutor:
         self.requirements = RequirementsCache(cache_dir)
         self.uids = (uids or UidPool()) if self.as_root else None
         if self.uids is not None:
+            _check_reachable(self.work_dir)
             self.uids.reap_orphans()  # what a worker that died here left behind
+        self._probe()
 
     def _environment(self, request: JobRequest, site: Path | None) -> dict[str, str]:
         env = {"PATH": PATH, "HOME": "/work", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
@@ -195,6 +209,12 @@ class ProcessExecutor:
                 site = await self.requirements.ensure(request.requirements, on_output)
             except RuntimeError as exc:
                 return failure("setup", str(exc))
+        with self._launch(request, runtime, site) as launch:
+            return await self._supervise(request, runtime, launch, on_output, cancel)
+
+    @contextlib.contextmanager
+    def _launch(self, request: JobRequest, runtime, site: Path | None) -> Iterator[_Launch]:
+        """Everything one job's sandbox needs: a uid, its files, its pipes, its command."""
         with contextlib.ExitStack() as stack:
             uid = stack.enter_context(self.uids.lease()) if self.uids else None
             job_dir = JobDir(Path(tempfile.mkdtemp(prefix=f"job-{request.job_id[:8]}-",
@@ -215,22 +235,42 @@ class ProcessExecutor:
                                   job_dir=job_dir, site=site,
                                   fds=JobFds(seccomp=seccomp, status=status_write,
                                              outcome=report_write))
-            return await self._supervise(request, runtime, command, fds,
-                                         (report_write, status_write, seccomp),
-                                         (report_read, status_read), on_output, cancel)
+            yield _Launch(command, fds, (report_write, status_write, seccomp), report_read,
+                          status_read)
 
-    async def _supervise(self, request: JobRequest, runtime, command: list[str],
-                         fds: _OwnedFds, child_ends: tuple[int, ...], our_ends: tuple[int, int],
+    def _probe(self) -> None:
+        """Start what every job starts, with `true` for the job, so that a sandbox that
+        cannot work here says why at start-up rather than in every job."""
+        request = JobRequest(job_id="probe000", language="bash", code="true", input={})
+        with self._launch(request, get_runtime("bash"), None) as launch:
+            process = subprocess.Popen(launch.command, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       cwd="/", env={"PATH": PATH}, start_new_session=True,
+                                       pass_fds=launch.child_ends)
+            for fd in launch.child_ends:
+                launch.fds.close(fd)
+            _, stderr = process.communicate(timeout=60)
+            with open(launch.fds.release(launch.status_read), "rb") as status_pipe:
+                status = status_pipe.read()
+        if process.returncode != 0 or not _started(status):
+            tail = stderr.decode(errors="replace").strip()[-STDERR_TAIL:]
+            raise SandboxUnavailable(f"the sandbox cannot start a job here "
+                                     f"({tail or f'exit code {process.returncode}'}); in a "
+                                     f"container it needs user namespaces, an unmasked /proc "
+                                     f"and permission to mount a tmpfs in them")
+
+    async def _supervise(self, request: JobRequest, runtime, launch: _Launch,
                          on_output: Callable[[str], None], cancel: asyncio.Event) -> JobOutcome:
         limits: Limits = request.limits
+        fds = launch.fds
         process = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            *launch.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, cwd="/", env={"PATH": PATH},
-            start_new_session=True, pass_fds=child_ends)
-        for fd in child_ends:  # only the sandbox holds them now: EOF when it ends
+            start_new_session=True, pass_fds=launch.child_ends)
+        for fd in launch.child_ends:  # only the sandbox holds them now: EOF when it ends
             fds.close(fd)
         report, status = Report(), bytearray()
-        report_read, status_read = our_ends
+        report_read, status_read = launch.report_read, launch.status_read
         counter = [0]
         out = _Stream(on_output, limits.max_output_bytes, keep=True)
         err = _Stream(on_output, limits.max_output_bytes, keep=False)
@@ -268,6 +308,15 @@ class ProcessExecutor:
         if not outcome.ok and outcome.error.get("kind") == "exit":
             return killed_by_signal(exit_code) or outcome
         return outcome
+
+
+@dataclass(frozen=True)
+class _Launch:
+    command: list[str]
+    fds: _OwnedFds
+    child_ends: tuple[int, ...]  # the outcome, status and seccomp fds the sandbox inherits
+    report_read: int
+    status_read: int
 
 
 class _OwnedFds(contextlib.AbstractContextManager):

@@ -20,9 +20,9 @@ def traversable(base: Path) -> Path:
     return base
 
 
-def make_executor(base: Path) -> ProcessExecutor:
+def make_executor(base: Path, **options) -> ProcessExecutor:
     traversable(base)
-    return ProcessExecutor(work_dir=base / "jobs", cache_dir=base / "cache")
+    return ProcessExecutor(work_dir=base / "jobs", cache_dir=base / "cache", **options)
 
 
 async def run(executor, code: str, language: str = "python", cancel: asyncio.Event | None = None,

@@ -175,7 +175,13 @@ async def test_no_network_unless_asked(executor):
         listener.close()
 
 
-async def test_fork_bomb_is_stopped_and_the_executor_keeps_working(executor):
+BOMB_UIDS = (320_000, 16)  # the test's own uids: other sandboxes on the machine are not ours
+
+
+async def test_fork_bomb_is_stopped_and_the_executor_keeps_working(tmp_path):
+    from gristmill.sandbox.uids import UidPool
+
+    executor = make_executor(tmp_path, uids=UidPool(tmp_path / "uids", *BOMB_UIDS))
     bomb = await run(executor, """
         import os
 
@@ -199,9 +205,8 @@ async def test_fork_bomb_is_stopped_and_the_executor_keeps_working(executor):
 
 
 def _sandbox_processes() -> list[str]:
-    """Processes still running as one of the sandbox's uids."""
-    from gristmill.sandbox.uids import COUNT, FIRST_UID
-
+    """Processes still running as one of the test's sandbox uids."""
+    first, count = BOMB_UIDS
     found = []
     for status in glob.glob("/proc/[0-9]*/status"):
         try:
@@ -210,7 +215,7 @@ def _sandbox_processes() -> list[str]:
         except OSError:
             continue
         uid = int(text.split("Uid:")[1].split()[0])
-        if FIRST_UID <= uid < FIRST_UID + COUNT:
+        if first <= uid < first + count:
             found.append(status)
     return found
 

@@ -6,10 +6,12 @@ uid is leased by holding an exclusive flock on a file named after it. The lock
 files live in a directory only root may write (see safedir.py): a local user
 who could create them first could hold every uid, or point them elsewhere.
 
-A uid nobody holds has no job, so any process still running as it was left by
-a worker that died at a moment its jobs could not follow it (pasta's or
-bwrap's start-up, which wait on their parent): a starting worker kills those
-(reap_orphans), holding each uid's lock while it does.
+A uid nobody holds has no job, so a sandbox still running as it was left by a
+worker that died at a moment its jobs could not follow it (pasta's or bwrap's
+start-up, which wait on their parent): a starting worker kills those
+(reap_orphans), holding each uid's lock while it does. It kills the sandbox's
+own processes (command.py's chain, known by its arguments); each is the init
+of a pid namespace or has its child die with it, so the kernel takes the rest.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from gristmill.sandbox.safedir import ensure_dir
 
 FIRST_UID = 200_000
 COUNT = 4096
+# Arguments only the sandbox's own processes carry (command.py): bwrap, pasta, unshare.
+CHAIN_MARKS = (b"--disable-userns", b"--no-map-gw", b"--kill-child")
 
 
 class UidPool:
@@ -72,12 +76,17 @@ class UidPool:
                 with open(f"/proc/{entry.name}/status") as status:
                     fields = dict(line.split(":", 1) for line in status if ":" in line)
                 uid = int(fields["Uid"].split()[0])
+                if not self.first <= uid < self.first + self.count:
+                    continue
+                with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                    arguments = cmdline.read().split(b"\0")
             except (OSError, KeyError, ValueError):
                 continue
             if fields.get("State", "").strip().startswith("Z"):
                 continue  # already dead, waiting for its parent
-            if self.first <= uid < self.first + self.count:
-                by_uid[uid].append(int(entry.name))
+            if not any(mark in arguments for mark in CHAIN_MARKS):
+                continue
+            by_uid[uid].append(int(entry.name))
         killed = 0
         for uid, pids in by_uid.items():
             fd = self._try_lock(uid)

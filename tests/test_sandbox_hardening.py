@@ -89,6 +89,14 @@ async def test_running_out_of_inodes_fails_the_job(executor):
     await _still_works(executor)
 
 
+async def test_input_larger_than_the_disk_is_a_setup_failure(executor):
+    outcome = await run(executor, "def main(blob: str):\n    return len(blob)\n",
+                        input={"blob": "x" * (2 * 2**20)}, limits=Limits(disk_bytes=2**20))
+    assert outcome.error["kind"] == "setup"
+    assert "No space left on device" in outcome.error["message"]
+    assert "must fit in spec.resources.disk" in outcome.error["message"]
+
+
 async def test_a_bash_job_filling_the_disk(executor):
     output: list[str] = []
     outcome = await run(executor, "head -c 100000000 /dev/zero > /tmp/big", language="bash",

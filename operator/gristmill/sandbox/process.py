@@ -301,6 +301,8 @@ class ProcessExecutor:
                                            f"(spec.resources.maxOutput)")
         if not _started(bytes(status)):
             tail = err.tail.strip() or f"exit code {exit_code}"
+            if "No space left on device" in tail:
+                tail += " (the job's code and input must fit in spec.resources.disk)"
             return failure("setup", f"the sandbox could not start the job: {tail}")
         if exit_code == _SIGXCPU_EXIT or exit_code == -signal.SIGXCPU:
             return failure("cpu", "used up its CPU time (spec.timeout x spec.resources.cpu)")

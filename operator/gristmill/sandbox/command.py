@@ -16,7 +16,9 @@ child, the shell that becomes bwrap's monitor, is the init of a pid namespace
 holding all the rest, so when it dies for any reason the kernel kills every
 process of the job. (bwrap's own sandbox process waits for the monitor at
 start-up: without the outer pid namespace, a monitor killed at that moment
-left it waiting forever.)
+left it waiting forever.) What a worker killed at a worse moment leaves (before
+the parent-death signal is set, or pasta's child waiting for its parent), the
+next worker to start kills (uids.py).
 
 bwrap can cap a tmpfs's size but not its inodes, so the disk is mounted by a
 shell in a user and mount namespace of the job's own (no privilege beyond
@@ -89,11 +91,11 @@ class JobDir:
 
 @dataclass(frozen=True)
 class JobFds:
-    """File descriptors the sandbox inherits (same numbers inside)."""
+    """File descriptors bwrap is told about (the job's outcome pipe is inherited too, and
+    named in the runtime's argv)."""
 
     seccomp: int  # the filter, read by bwrap
     status: int  # bwrap's JSON status: the job started, and how it ended
-    outcome: int  # the runtime's outcome report, written by the job
 
 
 def system_binds() -> list[str]:

@@ -233,8 +233,7 @@ class ProcessExecutor:
             command = job_command(uid=uid, limits=request.limits, network=request.network,
                                   argv=argv, env=self._environment(request, site),
                                   job_dir=job_dir, site=site,
-                                  fds=JobFds(seccomp=seccomp, status=status_write,
-                                             outcome=report_write))
+                                  fds=JobFds(seccomp=seccomp, status=status_write))
             yield _Launch(command, fds, (report_write, status_write, seccomp), report_read,
                           status_read)
 

@@ -81,6 +81,7 @@ def test_a_killed_worker_leaves_no_job_running(tmp_path, delay):
     ProcessExecutor(work_dir=base / "jobs", uids=UidPool(base / "uids", first=FIRST_UID,
                                                          count=COUNT))  # a new worker
     assert _gone_soon(), _ours()
+    assert list((base / "jobs").iterdir()) == []  # and their dirs
 
 
 def _gone_soon() -> bool:

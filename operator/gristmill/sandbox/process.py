@@ -188,7 +188,19 @@ class ProcessExecutor:
         if self.uids is not None:
             _check_reachable(self.work_dir)
             self.uids.reap_orphans()  # what a worker that died here left behind
+            self._remove_stale_job_dirs()
         self._probe()
+
+    def _remove_stale_job_dirs(self) -> None:
+        """Job dirs of a worker that died: each is named after its job's uid (job-UID-...),
+        which no lease holds any more."""
+        for entry in os.scandir(self.work_dir):
+            parts = entry.name.split("-")
+            if len(parts) < 3 or parts[0] != "job" or not parts[1].isdigit():
+                continue
+            with self.uids.if_free(int(parts[1])) as free:
+                if free:
+                    shutil.rmtree(entry.path, ignore_errors=True)
 
     def _environment(self, request: JobRequest, site: Path | None) -> dict[str, str]:
         env = {"PATH": PATH, "HOME": "/work", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
@@ -217,8 +229,9 @@ class ProcessExecutor:
         """Everything one job's sandbox needs: a uid, its files, its pipes, its command."""
         with contextlib.ExitStack() as stack:
             uid = stack.enter_context(self.uids.lease()) if self.uids else None
-            job_dir = JobDir(Path(tempfile.mkdtemp(prefix=f"job-{request.job_id[:8]}-",
-                                                   dir=self.work_dir)))
+            job_dir = JobDir(Path(tempfile.mkdtemp(
+                prefix=f"job-{uid if uid is not None else 'u'}-{request.job_id[:8]}-",
+                dir=self.work_dir)))
             stack.callback(shutil.rmtree, job_dir.root, ignore_errors=True)
             job_dir.create()
             fds = stack.enter_context(_OwnedFds())

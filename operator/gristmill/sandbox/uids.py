@@ -66,6 +66,16 @@ class UidPool:
             return
         raise RuntimeError(f"all {self.count} sandbox uids are in use on this host")
 
+    @contextlib.contextmanager
+    def if_free(self, uid: int) -> Iterator[bool]:
+        """Hold `uid`'s lock while the block runs, if no lease holds it: whether it was free."""
+        fd = self._try_lock(uid) if self.first <= uid < self.first + self.count else None
+        try:
+            yield fd is not None
+        finally:
+            if fd is not None:
+                os.close(fd)
+
     def reap_orphans(self) -> int:
         """Kill every process running as a uid of the pool that no lease holds; how many."""
         by_uid: dict[int, list[int]] = defaultdict(list)
@@ -89,14 +99,11 @@ class UidPool:
             by_uid[uid].append(int(entry.name))
         killed = 0
         for uid, pids in by_uid.items():
-            fd = self._try_lock(uid)
-            if fd is None:
-                continue  # a live job's
-            try:
+            with self.if_free(uid) as free:
+                if not free:
+                    continue  # a live job's
                 for pid in pids:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                         killed += 1
-            finally:
-                os.close(fd)
         return killed

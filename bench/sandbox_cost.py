@@ -4,7 +4,9 @@
 
 1. executor only: a trivial Python job (def main(): return 1) run by the
    bubblewrap ProcessExecutor, and by a plain subprocess running the same
-   wrapper (PlainExecutor, no isolation): p50/p99 and the difference;
+   wrapper (PlainExecutor, no isolation): p50/p99 and the difference; the
+   same job with `sandbox.network: true` (its own network namespace, pasta).
+   The kinds take turns job by job, so that a busy machine slows them alike;
 2. end to end: the same job submitted to the queue one at a time with one
    idle worker (LISTEN/NOTIFY wake-up, claim, sandbox, completion), p50/p99
    from enqueue to the result committed.
@@ -23,7 +25,7 @@ from common import percentile, throwaway_postgres
 
 from gristmill.sandbox.base import JobRequest
 from gristmill.sandbox.plain import PlainExecutor
-from gristmill.sandbox.process import ProcessExecutor
+from gristmill.sandbox.process import ProcessExecutor, network_problem
 from gristmill.spec import load_manifest_text
 from gristmill.store import queue
 from gristmill.store import scripts as script_store
@@ -41,14 +43,19 @@ spec:
 """
 
 
-async def time_executor(executor, jobs: int) -> list[float]:
-    timings = []
+async def time_executors(kinds: dict[str, tuple[object, bool]], jobs: int
+                         ) -> dict[str, list[float]]:
+    """Per kind (an executor, and whether the job asks for the network), one timing per job,
+    the kinds taking turns."""
+    timings: dict[str, list[float]] = {name: [] for name in kinds}
     for i in range(jobs):
-        request = JobRequest(job_id=f"bench{i:08d}", language="python", code=CODE, input={})
-        started = time.perf_counter()
-        outcome = await executor.run(request, lambda _: None, asyncio.Event())
-        timings.append((time.perf_counter() - started) * 1000)
-        assert outcome.ok, outcome.error
+        for name, (executor, network) in kinds.items():
+            request = JobRequest(job_id=f"bench{i:08d}", language="python", code=CODE,
+                                 input={}, network=network)
+            started = time.perf_counter()
+            outcome = await executor.run(request, lambda _: None, asyncio.Event())
+            timings[name].append((time.perf_counter() - started) * 1000)
+            assert outcome.ok, outcome.error
     return timings
 
 
@@ -89,12 +96,21 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=100)
     args = parser.parse_args()
-    sandboxed = await time_executor(ProcessExecutor(), args.jobs)
-    plain = await time_executor(PlainExecutor(), args.jobs)
+    sandbox = ProcessExecutor()
+    kinds = {"plain": (PlainExecutor(), False), "sandbox": (sandbox, False)}
+    problem = network_problem()
+    if problem is None:
+        kinds["network"] = (sandbox, True)
+    timings = await time_executors(kinds, args.jobs)
+    plain, sandboxed = timings["plain"], timings["sandbox"]
     print(line("plain subprocess (no isolation)", plain))
     print(line("bubblewrap sandbox", sandboxed))
     print(f"{'sandbox overhead':<34} p50 "
           f"{statistics.median(sandboxed) - statistics.median(plain):6.1f} ms")
+    if "network" in timings:
+        print(line("sandbox, network: true", timings["network"]))
+    else:
+        print(f"network: true not measured: {problem}")
     async with throwaway_postgres(f"bench_{uuid.uuid4().hex[:6]}") as (_, url):
         print(line("submit to result, one idle worker", await end_to_end(url, args.jobs)))
 

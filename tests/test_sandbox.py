@@ -6,33 +6,17 @@ import asyncio
 import glob
 import os
 import socket
-import textwrap
 import time
 
 import pytest
+from sandboxkit import make_executor, run
 
 from gristmill.sandbox.base import JobRequest, Limits
-from gristmill.sandbox.process import ProcessExecutor
 
 
 @pytest.fixture(scope="module")
 def executor(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sandbox")
-    base.chmod(0o755)
-    for parent in base.parents:  # pytest's tmp dirs are 0700; job uids must traverse them
-        if parent == parent.parent:
-            break
-        parent.chmod(parent.stat().st_mode | 0o001)
-    return ProcessExecutor(work_dir=base / "jobs", cache_dir=base / "cache")
-
-
-async def run(executor, code: str, language: str = "python", cancel: asyncio.Event | None = None,
-              output: list[str] | None = None, **request):
-    request.setdefault("input", {})
-    return await executor.run(
-        JobRequest(job_id="0123456789abcdef", language=language, code=textwrap.dedent(code),
-                   **request),
-        (output if output is not None else []).append, cancel or asyncio.Event())
+    return make_executor(tmp_path_factory.mktemp("sandbox"))
 
 
 async def test_python_job_returns_mains_result(executor):
@@ -149,7 +133,8 @@ async def test_cannot_read_root_or_the_workers_secrets(executor, monkeypatch):
             seen = dict(os.environ)
             for path in glob.glob("/proc/*/environ"):
                 try:
-                    seen[path] = open(path, "rb").read().decode(errors="replace")
+                    text = open(path, "rb").read().decode(errors="replace")
+                    seen[path] = text.replace("\\0", "\\n")  # a result holds no NUL
                 except OSError:
                     pass
             try:
@@ -165,30 +150,38 @@ async def test_cannot_read_root_or_the_workers_secrets(executor, monkeypatch):
     assert isinstance(outcome.result["root"], str)  # an error, not a listing
 
 
-async def test_no_network_unless_asked():
+async def test_no_network_unless_asked(executor):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
-    code = f"""
-        import socket
-
-        def main():
-            socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
-            return "connected"
-    """
-    executor = ProcessExecutor()
     try:
-        refused = await run(executor, code)
+        refused = await run(executor, f"""
+            import socket
+
+            def main():
+                socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
+        """)
         assert refused.error["kind"] == "exception"
         assert "ConnectionRefusedError" in refused.error["message"]
-        allowed = await run(executor, code, network=True)
-        assert allowed.ok and allowed.result == "connected"
+        unreachable = await run(executor, """
+            import socket
+
+            def main():
+                socket.create_connection(("198.18.0.1", 80), timeout=2).close()
+        """)
+        assert "Network is unreachable" in unreachable.error["message"]  # only lo exists
     finally:
         listener.close()
 
 
-async def test_fork_bomb_is_stopped_and_the_executor_keeps_working(executor):
+BOMB_UIDS = (320_000, 16)  # the test's own uids: other sandboxes on the machine are not ours
+
+
+async def test_fork_bomb_is_stopped_and_the_executor_keeps_working(tmp_path):
+    from gristmill.sandbox.uids import UidPool
+
+    executor = make_executor(tmp_path, uids=UidPool(tmp_path / "uids", *BOMB_UIDS))
     bomb = await run(executor, """
         import os
 
@@ -212,9 +205,8 @@ async def test_fork_bomb_is_stopped_and_the_executor_keeps_working(executor):
 
 
 def _sandbox_processes() -> list[str]:
-    """Processes still running as one of the sandbox's uids."""
-    from gristmill.sandbox.uids import COUNT, FIRST_UID
-
+    """Processes still running as one of the test's sandbox uids."""
+    first, count = BOMB_UIDS
     found = []
     for status in glob.glob("/proc/[0-9]*/status"):
         try:
@@ -223,7 +215,7 @@ def _sandbox_processes() -> list[str]:
         except OSError:
             continue
         uid = int(text.split("Uid:")[1].split()[0])
-        if FIRST_UID <= uid < FIRST_UID + COUNT:
+        if first <= uid < first + count:
             found.append(status)
     return found
 

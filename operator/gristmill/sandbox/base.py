@@ -11,6 +11,13 @@ if TYPE_CHECKING:  # not imported at run time: a job pod's command starts faster
     import asyncio
 
 
+# The largest result a job may return, as compact JSON: results are stored in PostgreSQL
+# and passed to the next steps of a Flow; large data belongs in a bucket or a database.
+MAX_RESULT_BYTES = 2**20
+BYTES_PER_INODE = 8192  # the disk's cap on files and directories: one per 8 KiB of it
+MIN_INODES = 1024
+
+
 class SandboxUnavailable(RuntimeError):
     """The sandbox cannot run here; the message says what is missing and how to fix it."""
 
@@ -23,6 +30,12 @@ class Limits:
     max_processes: int = 64
     max_output_bytes: int = 10 * 2**20  # stdout and stderr together
     max_file_bytes: int = 100 * 2**20
+    disk_bytes: int = 256 * 2**20  # /work and /tmp together (spec.resources.disk)
+
+    @property
+    def disk_inodes(self) -> int:
+        """Files and directories /work and /tmp may hold together."""
+        return max(MIN_INODES, self.disk_bytes // BYTES_PER_INODE)
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,10 @@ def killed_by_signal(exit_code: int) -> JobOutcome | None:
     number = -exit_code if exit_code < 0 else exit_code - 128 if exit_code > 128 else 0
     if number == signal.SIGKILL:
         return failure("killed", "killed (SIGKILL): out of memory or killed from outside")
+    if number == signal.SIGSYS:
+        return failure("killed", "killed by the sandbox's seccomp filter (SIGSYS): it made a "
+                                 "system call through a foreign ABI (such as 32-bit int 0x80 "
+                                 "on x86_64); build it for the host's architecture")
     if 0 < number < 65:
         return failure("killed", f"killed by signal {signal.Signals(number).name}")
     return None

@@ -105,8 +105,9 @@ def job_pod(request: JobRequest, image: str, marker: str, start_timeout_s: float
                                  {"name": "tmp", "mountPath": "/tmp"}],
             }],
             "volumes": [
-                {"name": "work", "emptyDir": {"sizeLimit": str(limits.max_file_bytes * 4)}},
-                {"name": "tmp", "emptyDir": {"sizeLimit": str(limits.max_file_bytes)}},
+                # spec.resources.disk, for each (the kubelet evicts a pod past it).
+                {"name": "work", "emptyDir": {"sizeLimit": str(limits.disk_bytes)}},
+                {"name": "tmp", "emptyDir": {"sizeLimit": str(limits.disk_bytes)}},
             ],
         },
     }

@@ -2,9 +2,10 @@
 
 The pod's working directory (an emptyDir) is the job's work dir. The job's own
 output goes to the container's stdout and stderr, which the worker follows
-through the pod log. The outcome comes last, on one stdout line that starts
-with a marker the worker chose for this job, so nothing the job prints is
-mistaken for it. Kubernetes enforces memory, CPU and the deadline; the worker
+through the pod log. The runtime's wrapper reports to this command on a pipe
+(runtimes/base.py), never through a file in the work dir. The outcome comes
+last, on one stdout line that starts with a marker the worker chose for this
+job, so nothing the job prints is mistaken for it. Kubernetes enforces memory, CPU and the deadline; the worker
 enforces the output cap.
 """
 
@@ -23,7 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from gristmill.runtimes import get_runtime
-from gristmill.runtimes.base import WORK
+from gristmill.runtimes.base import WORK, Report
+from gristmill.runtimes.results import checked_result, clean_error, parse_lenient
 from gristmill.sandbox.base import JobOutcome, JobRequest, Limits, failure, killed_by_signal
 
 JOB_ENV = "GRISTMILL_JOB"  # GRISTMILL_JOB_PARTS, GRISTMILL_JOB_0, GRISTMILL_JOB_1, ...
@@ -79,11 +81,15 @@ def parse_outcome_line(marker: str, line: str) -> JobOutcome | None:
     if at < 0:
         return None
     try:
-        written = json.loads(line[at + len(marker):])
-        return JobOutcome(ok=bool(written["ok"]), result=written.get("result"),
-                          error=written.get("error"))
-    except (ValueError, KeyError, TypeError):
+        written = parse_lenient(line[at + len(marker):])
+    except ValueError:
         return None
+    if not isinstance(written, dict) or "ok" not in written:
+        return None
+    # Checked again: the job can read the marker from this command's environment.
+    if written["ok"] is True:
+        return checked_result(written.get("result"), "the job returned")
+    return JobOutcome(ok=False, error=clean_error(written.get("error")))
 
 
 def _write(text: str) -> None:
@@ -100,23 +106,38 @@ def run(request: JobRequest, workdir: Path) -> tuple[JobOutcome, bool]:
         from gristmill.sandbox.requirements import RequirementsCache  # only when needed
 
         try:
-            site = RequirementsCache(workdir / ".cache").install(request.requirements, _write)
+            # The job's own cache, in its own pod: nobody else could have planted anything.
+            site = RequirementsCache(workdir / ".cache", verify=False).install(
+                request.requirements, _write)
         except RuntimeError as exc:
             return failure("setup", f"{exc} (a job pod installs requirements itself: it "
                                     f"needs to reach the package index)"), False
         env["PYTHONPATH"] = str(site)
     env.update(request.env)
+    report_read, report_write = os.pipe()
     argv = [arg.replace(WORK, str(workdir))
-            for arg in runtime.prepare(request, workdir, sys.executable)]
+            for arg in runtime.prepare(request, workdir, sys.executable, report_write)]
     max_file = request.limits.max_file_bytes
 
     def limit_files() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
 
-    process = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, preexec_fn=limit_files,
-                               start_new_session=True)
+    try:
+        process = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, preexec_fn=limit_files,
+                                   start_new_session=True, pass_fds=(report_write,))
+    finally:
+        os.close(report_write)
+    report = Report()
+
+    def read_report() -> None:
+        with open(report_read, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(65536):
+                report.feed(chunk)
+
+    report_reader = threading.Thread(target=read_report, daemon=True)
+    report_reader.start()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     kept: list[str] = []
 
@@ -135,8 +156,9 @@ def run(request: JobRequest, workdir: Path) -> tuple[JobOutcome, bool]:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     reader.join()
+    report_reader.join()
     stdout = "".join(kept)
-    outcome = runtime.outcome(request, workdir, exit_code, stdout)
+    outcome = runtime.outcome(request, exit_code, stdout, report)
     if not outcome.ok and outcome.error.get("kind") == "exit":
         outcome = killed_by_signal(exit_code) or outcome  # the OOM killer, most often
     return outcome, bool(stdout) and not stdout.endswith("\n")

@@ -56,6 +56,10 @@ class Resources(_Strict):
     maxOutput: MemoryQuantity = Field("10Mi", description="stdout and stderr together; a run "
                                                           "that prints more is stopped.")
     maxFileSize: MemoryQuantity = Field("100Mi", description="Largest file a run may write.")
+    disk: MemoryQuantity = Field("256Mi", description="Space for /work and /tmp together; in "
+                                                      "the process sandbox a tmpfs (memory) "
+                                                      "that also holds at most one file or "
+                                                      "directory per 8 KiB of it.")
 
 
 class Sandbox(_Strict):

@@ -122,3 +122,21 @@ async def test_timeout_cancel_and_logs_through_the_worker(scripts_db, database_u
     assert cancelled["status"] == "cancelled"
     assert timed_out["status"] == "failed" and timed_out["error"]["kind"] == "timeout"
     assert after["result"] == 42  # the worker keeps serving
+
+
+async def test_a_scripts_disk_reaches_its_jobs(db, database_url):
+    write = """
+        def main(mib: int):
+            with open("/tmp/fill", "wb") as f:
+                f.write(b"x" * (mib << 20))
+            return mib
+    """
+    await apply_yaml(db, script("small-disk", write, resources="{disk: 16Mi}")
+                     + script("default-disk", write))
+    async with running_workers(database_url):
+        small = await submit(db, "small-disk", {"mib": 32})
+        default = await submit(db, "default-disk", {"mib": 32})
+        refused = await wait_status(db, small, ("succeeded", "failed"))
+        written = await wait_status(db, default, ("succeeded", "failed"))
+    assert refused["status"] == "failed" and "No space left" in refused["error"]["message"]
+    assert written["result"] == 32

@@ -55,6 +55,7 @@ def plan_job(version: str, stored_spec: dict[str, Any]) -> JobPlan:
         max_processes=resources.maxProcesses,
         max_output_bytes=parse_memory(resources.maxOutput),
         max_file_bytes=parse_memory(resources.maxFileSize),
+        disk_bytes=parse_memory(resources.disk),
     )
     env = {var.name: var.value for var in spec.env}
     return JobPlan(spec=spec, input_schema=script.input_schema, limits=limits, env=env)

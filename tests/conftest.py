@@ -13,10 +13,16 @@ import os
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import clusterkit
+import k8s_build
 import psycopg
 import pytest
+from k8s_cluster import ControlPlane
+from k8s_network import PodNetwork
+from k8s_node import NodeThread
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from gristmill.dev.postgres import EmbeddedPostgres
@@ -96,6 +102,63 @@ async def private_postgres():
     finally:
         await asyncio.to_thread(server.stop)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class Cluster:
+    """The session's real control plane, its node, pod network and a PostgreSQL that pods
+    reach at the network's gateway."""
+
+    control_plane: ControlPlane
+    node: NodeThread
+    network: PodNetwork
+    database: EmbeddedPostgres
+
+    def database_url(self, name: str) -> str:
+        """A fresh database, by the URL pods use."""
+        self.database.create_database(name)
+        return self.database.url(name, host=self.network.gateway)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    binaries = k8s_build.cached()
+    if binaries is None:
+        reason = ("the control plane is not built: run `python3 tests/k8s_build.py` once "
+                  "(.ci/run does; 10-20 minutes on 2 cores, cached outside the repo)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    network = PodNetwork().create()
+    control_plane = node = database = None
+    try:
+        control_plane = ControlPlane(binaries, tmp_path_factory.mktemp("control-plane"),
+                                     network.gateway).start()
+        node = NodeThread(control_plane, network).start()
+        base = Path(tempfile.mkdtemp(prefix="gristmill-cluster-pg-", dir="/tmp"))
+        database = EmbeddedPostgres(base, durable=False, also_listen=network.gateway,
+                                    also_allow=str(network.subnet))
+        database.start()
+        yield Cluster(control_plane, node, network, database)
+    finally:
+        if node:
+            node.stop()
+        if control_plane:
+            control_plane.stop()
+        if database:
+            database.stop()
+            shutil.rmtree(database.data_dir, ignore_errors=True)
+        network.destroy()
+
+
+@pytest.fixture(scope="session")
+def crds(cluster):
+    """The cluster with Gristmill's CRDs created and established."""
+    clusterkit.kubectl(cluster, "apply", "--server-side", "-f", str(clusterkit.ROOT / "crds"))
+    for name in ("scripts", "flows", "workergroups"):
+        clusterkit.kubectl(cluster, "wait", "--for=condition=Established", "--timeout=60s",
+                           f"crd/{name}.gristmill.io")
+    return cluster
 
 
 @pytest.fixture

@@ -99,6 +99,10 @@ class EmbeddedPostgres:
     data_dir: Path
     port: int = 0
     durable: bool = True
+    # Another address to listen on, and the network allowed to log in there (the test
+    # cluster's pod network); by default 127.0.0.1 alone.
+    also_listen: str | None = None
+    also_allow: str | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).absolute()
@@ -132,8 +136,15 @@ class EmbeddedPostgres:
                 f.write(secrets.token_urlsafe(24))
         return self.password_file.read_text().strip()
 
-    def url(self, dbname: str = "gristmill") -> str:
-        return f"postgresql://gristmill:{self.password()}@127.0.0.1:{self.port}/{dbname}"
+    def url(self, dbname: str = "gristmill", host: str = "127.0.0.1") -> str:
+        return f"postgresql://gristmill:{self.password()}@{host}:{self.port}/{dbname}"
+
+    def _allow(self, network: str) -> None:
+        hba = self.pgdata / "pg_hba.conf"
+        line = f"host all all {network} scram-sha-256"
+        if line not in hba.read_text():
+            with hba.open("a") as f:
+                f.write(line + "\n")
 
     def display_url(self, dbname: str = "gristmill") -> str:
         """The URL without its password, for printing."""
@@ -200,13 +211,15 @@ class EmbeddedPostgres:
         self.port = self._choose_port()
         options = [
             f"-p {self.port}",
-            "-c listen_addresses=127.0.0.1",
+            f"-c listen_addresses=127.0.0.1{',' + self.also_listen if self.also_listen else ''}",
             f"-c unix_socket_directories={self.socket_dir}",
             "-c max_connections=200",
             "-c shared_buffers=128MB",
         ]
         if not self.durable:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        if self.also_allow:
+            self._allow(self.also_allow)
         self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-w", "-t", "60",
                   "-l", str(self.data_dir / "postgres.log"), "-o", " ".join(options), "start")
         if self._trusts_everyone():

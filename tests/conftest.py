@@ -156,8 +156,9 @@ def crds(cluster):
     """The cluster with Gristmill's CRDs created and established."""
     clusterkit.kubectl(cluster, "apply", "--server-side", "-f", str(clusterkit.ROOT / "crds"))
     for name in ("scripts", "flows", "workergroups"):
-        clusterkit.kubectl(cluster, "wait", "--for=condition=Established", "--timeout=60s",
-                           f"crd/{name}.gristmill.io")
+        clusterkit.wait_for(f"CRD {name} established", lambda name=name: clusterkit.condition(
+            clusterkit.get(cluster, "crd", f"{name}.gristmill.io"), "Established"
+        ).get("status") == "True")
     return cluster
 
 

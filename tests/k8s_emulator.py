@@ -4,7 +4,8 @@ Filled in on every write: metadata.uid, resourceVersion (bumped on every
 write), creationTimestamp, generation (bumped when the spec changes), name
 from generateName; and a failed JSON-patch `test` answers 422, not 500.
 What the emulator still does not do: garbage collection through owner
-references, validation against the CRD schema, RBAC, server-side apply.
+references, validation against the CRD schema, RBAC, server-side apply's field
+ownership (an apply creates or merges); the real API server tests those.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import attrs
 import jsonpatch
 import kmock
 import yaml
+from aiohttp import web
 from k8s_kubelet import ProcessKubelet
 from kmock._internal import enums
 
@@ -36,12 +38,40 @@ class PatchTestFailed(kmock.KubernetesError):
 
 class Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request):  # kmock==0.8's private hook, pinned in pyproject
+        if self._creating_apply(request):
+            return await self._create_by_apply(attrs.evolve(request, action=enums.action.CREATE))
         if request.resource is not None and isinstance(request.data, dict | list):
             self._stamp(request)
         try:
             return await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed:
             return await self._render_error(PatchTestFailed())
+
+    def _creating_apply(self, request) -> bool:
+        """A server-side apply of an object that does not exist creates it. (An apply of one
+        that does is merged like a patch: removing the fields the manager stopped setting
+        is what the real API server does, and is tested there.)"""
+        if request.action != enums.action.UPDATE or request.name is None:
+            return False
+        if "apply-patch" not in request.headers.get("Content-Type", ""):
+            return False
+        key = (request.resource, request.namespace, request.name)
+        return key not in self._objects or self._objects[key].deleted
+
+    async def _create_by_apply(self, request):
+        """What kmock does for a create, for a create that came as an apply (a PATCH, for
+        which kmock has no reaction)."""
+        self._stamp(request)
+        request.data.setdefault("metadata", {}).setdefault("namespace", request.namespace)
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key in self._objects:
+                self._objects[key].create(request.data)
+            else:
+                self._objects[key] = request.data
+            raw = self._objects[key].last.raw
+            await self._buses[request.resource].put({"type": "ADDED", "object": raw})
+        return web.json_response(raw, status=201)
 
     def _stamp(self, request) -> None:
         version = str(next(_versions))

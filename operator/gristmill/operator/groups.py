@@ -21,9 +21,10 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
 from gristmill import labels
-from gristmill.operator import metrics
+from gristmill.operator import metrics, reconcile
 from gristmill.operator.autoscaler import Autoscaler, deletion_costs
 from gristmill.operator.deployment import deployment_name, selector
+from gristmill.operator.ownership import AUTOSCALER_FIELD_MANAGER, server_side_apply
 from gristmill.operator.reconcile import now as timestamp
 from gristmill.operator.retrying import backoff_delay, is_transient
 from gristmill.spec import WorkerGroup
@@ -36,6 +37,41 @@ DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 def _gone(exc: BaseException) -> bool:
     """Deleted between the list and the write (a group, a pod): nothing to do."""
     return isinstance(exc, ApiException) and exc.status == 404
+
+
+def pods_refused(deployment: Any) -> str | None:
+    """Why the Deployment's pods cannot be made (admission, quota), from the ReplicaFailure
+    condition the Deployment controller copies from its ReplicaSet; None while they can."""
+    for found in (deployment.status and deployment.status.conditions) or []:
+        if found.type == "ReplicaFailure" and found.status == "True":
+            return found.message or found.reason or "pods cannot be created"
+    return None
+
+
+def admission_conditions(conditions: list[dict[str, Any]] | None, refusal: str | None,
+                         deployment: str, generation: int | None
+                         ) -> list[dict[str, Any]] | None:
+    """The group's conditions with Ready saying whether its pods are admitted, or None when
+    nothing changes. Without this a group whose every pod is refused looks Ready."""
+    ready = next((c for c in conditions or [] if c.get("type") == "Ready"), None)
+    if ready is None:
+        return None  # worker_group_changed has not written Ready yet
+    others = [c for c in conditions or [] if c.get("type") != "Ready"]
+    if refusal is not None:
+        hint = (" This namespace's Pod Security level does not admit these worker pods: "
+                "give the WorkerGroup `executor: pod`, or label the namespace "
+                "pod-security.kubernetes.io/enforce=privileged (the process executor needs "
+                "a user-namespaced pod that the baseline level refuses)."
+                if "violates PodSecurity" in refusal else "")
+        message = f"the workers' pods are refused: {refusal}.{hint}"
+        if ready.get("reason") == "PodsRefused" and ready.get("message") == message:
+            return None
+        return [reconcile.ready_condition(False, "PodsRefused", message, generation,
+                                          conditions), *others]
+    if ready.get("reason") != "PodsRefused":
+        return None
+    return [reconcile.ready_condition(True, "DeploymentApplied", f"Deployment {deployment} "
+                                      f"applied", generation, conditions), *others]
 
 
 class GroupLoop:
@@ -113,6 +149,15 @@ class GroupLoop:
         counts = deployment.status  # None until the Deployment controller first reports
         wanted = {"replicas": (counts and counts.replicas) or 0,
                   "readyReplicas": (counts and counts.ready_replicas) or 0}
+        admitted = admission_conditions(status.get("conditions"), pods_refused(deployment),
+                                        deployment_name(body["metadata"]["name"]),
+                                        body["metadata"].get("generation"))
+        if admitted is not None:
+            wanted["conditions"] = status["conditions"] = admitted
+            ready = next(c for c in admitted if c["type"] == "Ready")
+            if ready["status"] == "False":
+                await asyncio.to_thread(self._event, body, ready["reason"], ready["message"],
+                                        "Warning")
         autoscaling = (body.get("spec") or {}).get("autoscaling")
         if autoscaling and autoscaling.get("enabled", True):
             try:
@@ -153,8 +198,10 @@ class GroupLoop:
         changes: dict[str, Any] = {"desiredReplicas": decision.replicas,
                                    "queuedJobs": demand.queued, "runningJobs": demand.running}
         if decision.replicas != current:
-            await asyncio.to_thread(self.apps.patch_namespaced_deployment, deployment_name(name),
-                                    namespace, {"spec": {"replicas": decision.replicas}})
+            await asyncio.to_thread(server_side_apply, self.apps.patch_namespaced_deployment, {
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": deployment_name(name), "namespace": namespace},
+                "spec": {"replicas": decision.replicas}}, AUTOSCALER_FIELD_MANAGER)
             now = timestamp()
             message = f"{current} -> {decision.replicas}: {decision.message}"
             others = [c for c in status.get("conditions") or [] if c.get("type") != "Scaled"]
@@ -174,7 +221,8 @@ class GroupLoop:
             self.core.patch_namespaced_pod(pod, namespace, {"metadata": {"annotations": {
                 DELETION_COST: str(running_jobs * 100)}}})
 
-    def _event(self, body: dict[str, Any], reason: str, message: str) -> None:
+    def _event(self, body: dict[str, Any], reason: str, message: str,
+               kind: str = "Normal") -> None:
         meta = body["metadata"]
         now = timestamp()
         self.core.create_namespaced_event(meta["namespace"], {
@@ -182,7 +230,7 @@ class GroupLoop:
             "involvedObject": {"apiVersion": body["apiVersion"], "kind": body["kind"],
                                "name": meta["name"], "namespace": meta["namespace"],
                                "uid": meta.get("uid")},
-            "type": "Normal", "reason": reason, "message": message[:1024],
+            "type": kind, "reason": reason, "message": message[:1024],
             "source": {"component": "gristmill-operator"},
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         })

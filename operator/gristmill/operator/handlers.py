@@ -28,8 +28,14 @@ from gristmill.housekeeping import DEFAULT_RETENTION, run_housekeeping
 from gristmill.operator import reconcile
 from gristmill.operator.autoscaler import Autoscaler
 from gristmill.operator.deployment import deployment_name, selector, worker_deployment
+from gristmill.operator.diffbase import SpecDigestDiffBaseStorage
 from gristmill.operator.groups import GroupLoop
 from gristmill.operator.job_runner import job_runner_objects
+from gristmill.operator.ownership import (
+    AUTOSCALER_FIELD_MANAGER,
+    OPERATOR_FIELD_MANAGER,
+    server_side_apply,
+)
 from gristmill.operator.retrying import retried_when_transient
 from gristmill.spec import WorkerGroup
 from gristmill.store import connections
@@ -48,6 +54,8 @@ RETENTION = dt.timedelta(seconds=float(os.environ.get(
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = "gristmill.io/cleanup"
+    settings.persistence.diffbase_storage = SpecDigestDiffBaseStorage(
+        prefix="kopf.zalando.org", key="last-handled-configuration")
     settings.posting.level = 20  # INFO and up become Events
     settings.watching.server_timeout = 300
     url = os.environ["GRISTMILL_DATABASE_URL"]
@@ -164,19 +172,32 @@ def _calls_for(kind: str):
 
 
 def _apply(obj: dict[str, Any], autoscaled: bool = False) -> None:
-    """Create the object, or patch it back in line with what the operator wants."""
-    read, create, patch = _calls_for(obj["kind"])
+    """Server-side apply: the object becomes what the operator wants of it, and a field the
+    operator stopped setting (a nodeSelector removed from the group) leaves it, which a
+    strategic-merge patch would not do.
+
+    An autoscaled Deployment's replicas belong to the autoscaler's own field manager: set
+    once when the Deployment is made, never again by the operator, so a spec change can
+    neither reset nor drop them.
+    """
+    read, _, patch = _calls_for(obj["kind"])
     namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    if not autoscaled:
+        server_side_apply(patch, obj, OPERATOR_FIELD_MANAGER)
+        return
     try:
         read(name, namespace)
+        exists = True
     except ApiException as exc:
         if exc.status != 404:
             raise
-        create(namespace, obj)
-        return
-    if autoscaled:  # the autoscaler owns replicas now; a spec change must not reset them
-        obj["spec"].pop("replicas", None)
-    patch(name, namespace, obj)
+        exists = False
+    replicas = obj["spec"].pop("replicas", None)
+    server_side_apply(patch, obj, OPERATOR_FIELD_MANAGER)
+    if not exists and replicas is not None:
+        server_side_apply(patch, {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
+                                  "metadata": {"name": name, "namespace": namespace},
+                                  "spec": {"replicas": replicas}}, AUTOSCALER_FIELD_MANAGER)
 
 
 def _other_conditions(conditions: list[dict[str, Any]] | None) -> list[dict[str, Any]]:

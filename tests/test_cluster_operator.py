@@ -1,0 +1,202 @@
+"""The operator on a real API server, as the chart runs it: with the token of its own
+ServiceAccount and exactly the permissions of charts/gristmill/files/rbac.yaml, so that
+a missing verb fails here. Worker pods run on the test node and take jobs from the
+queue; garbage collection, admission and field ownership are the API server's own."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import lupa
+import psycopg
+import pytest
+import yaml
+from clusterkit import ROOT, apply, condition, get, kubectl, wait_for
+from test_cli import free_port
+
+from gristmill.store import queue
+from gristmill.store import scripts as script_store
+from gristmill.store.migrate import migrate_url
+
+OPERATOR_NAMESPACE = "gristmill"  # files/rbac.yaml's own
+TEAM = "team-a"
+STRICT = "strict"  # enforces Pod Security baseline
+
+
+class RunningOperator:
+    def __init__(self, cluster, tmp_path):
+        cp = cluster.control_plane
+        for namespace, labels in ((OPERATOR_NAMESPACE, {}), (TEAM, {}), (STRICT, {
+                "pod-security.kubernetes.io/enforce": "baseline"})):
+            cp.ensure_namespace(namespace, labels)
+        kubectl(cluster, "apply", "-f", str(ROOT / "charts/gristmill/files/rbac.yaml"))
+        self.pod_url = cluster.database_url(f"operator_{uuid.uuid4().hex[:8]}")
+        self.url = self.pod_url.replace(f"@{cluster.network.gateway}:", "@127.0.0.1:")
+        asyncio.run(migrate_url(self.url))
+        for namespace in (TEAM, STRICT):  # what worker pods read their database from
+            apply(cluster, {"apiVersion": "v1", "kind": "Secret", "metadata": {
+                "name": "gristmill-database", "namespace": namespace},
+                "data": {"url": base64.b64encode(self.pod_url.encode()).decode()}})
+        token = cp.service_account_token(OPERATOR_NAMESPACE, "gristmill-operator")
+        self.kubeconfig = cp.kubeconfig(token, "gristmill-operator")
+        self.health = free_port()
+        self.log = tmp_path / "operator.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gristmill.cli", "operator", "--database-url", self.url,
+             "--health-port", str(self.health), "--metrics-port", "0",
+             "--autoscale-interval", "1"],
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig),
+                 "GRISTMILL_LOG_LEVEL": "INFO"},
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        wait_for("the operator's /healthz", self._healthy, timeout=60)
+        time.sleep(2)  # kopf's first listing, before objects appear (test_operator_kopf.py)
+
+    def _healthy(self) -> bool:
+        assert self.process.poll() is None, self.log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health}/healthz", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def operator(crds, tmp_path_factory):
+    running = RunningOperator(crds, tmp_path_factory.mktemp("operator"))
+    yield running
+    running.stop()
+    print(running.log.read_text()[-5000:])  # shown when a test of this module failed
+
+
+def ready(cluster, kind: str, name: str, namespace: str = TEAM) -> dict:
+    return wait_for(f"{kind} {namespace}/{name} Ready", lambda: (
+        lambda obj: obj if condition(obj).get("status") == "True" else None)(
+        get(cluster, kind, name, "-n", namespace)), timeout=90)
+
+
+def worker_group(name: str, **spec) -> dict:
+    return {"apiVersion": "gristmill.io/v1alpha1", "kind": "WorkerGroup",
+            "metadata": {"name": name}, "spec": {"tags": ["python"], "replicas": 1, **spec}}
+
+
+def test_scripts_and_flows_turn_ready_under_the_charts_rbac(operator, crds):
+    kubectl(crds, "apply", "-n", TEAM, "-f", str(ROOT / "examples"))
+    for kind, name in (("script", "hello"), ("script", "word-count"),
+                       ("flow", "process-orders")):
+        found = ready(crds, kind, name)
+        assert found["status"]["observedGeneration"] == found["metadata"]["generation"]
+
+
+async def _run_hello(operator, namespace: str = TEAM) -> dict:
+    async with await psycopg.AsyncConnection.connect(operator.url, autocommit=True) as db:
+        version, _ = await script_store.get(db, namespace, "hello")
+        async with db.transaction():
+            (job_id,) = await queue.enqueue(db, [queue.NewJob(
+                namespace=namespace, tag="python", input={"name": "cluster"},
+                script_name="hello", script_hash=version)])
+        deadline = time.monotonic() + 90
+        while (job := await queue.get_job(db, job_id))["status"] not in (
+                "succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, f"job still {job['status']}"
+            await asyncio.sleep(0.3)
+        return job
+
+
+def test_a_worker_group_runs_jobs_and_goes_with_its_deployment(operator, crds):
+    kubectl(crds, "apply", "-n", TEAM, "-f", str(ROOT / "examples/hello.yaml"))
+    ready(crds, "script", "hello")
+    apply(crds, worker_group("runners"), "-n", TEAM)
+    deployment = wait_for("the group's Deployment", lambda: get(
+        crds, "deployment", "gristmill-workers-runners", "-n", TEAM))
+    (owner,) = deployment["metadata"]["ownerReferences"]
+    assert owner["kind"] == "WorkerGroup" and owner["blockOwnerDeletion"] is True
+    wait_for("a running worker pod", lambda: get(
+        crds, "deployment", "gristmill-workers-runners", "-n", TEAM)["status"].get(
+        "readyReplicas") == 1, timeout=90)
+    job = asyncio.run(_run_hello(operator))
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"] == {"greeting": "Hello, cluster."}
+    assert job["worker_id"].startswith("gristmill-workers-runners-")  # a pod's hostname
+
+    kubectl(crds, "delete", "workergroup", "runners", "-n", TEAM, "--wait=true")
+    wait_for("the Deployment collected with its group", lambda: get(
+        crds, "deployment", "gristmill-workers-runners", "-n", TEAM) is None)
+    wait_for("its pods gone", lambda: not get(
+        crds, "pods", "-n", TEAM, "-l", "gristmill.io/worker-group=runners")["items"])
+
+
+def test_pods_refused_by_admission_are_reported(operator, crds):
+    """A namespace that enforces Pod Security baseline refuses the process executor's
+    worker pods: the WorkerGroup says so, and so does Argo CD's health check."""
+    apply(crds, worker_group("refused"), "-n", STRICT)
+    group = wait_for("the refusal in the group's status", lambda: (
+        lambda g: g if condition(g).get("reason") == "PodsRefused" else None)(
+        get(crds, "workergroup", "refused", "-n", STRICT)), timeout=90)
+    ready_condition = condition(group)
+    assert ready_condition["status"] == "False"
+    assert "violates PodSecurity" in ready_condition["message"]
+    health = lupa.LuaRuntime(unpack_returned_tuples=True)
+    check = health.eval("function(obj) " + (ROOT / "charts/gristmill/files/argocd-health.lua")
+                        .read_text() + " end")
+    assert check(health.table_from(_lua(health, group))).status == "Degraded"
+    kubectl(crds, "delete", "workergroup", "refused", "-n", STRICT, "--wait=true")
+
+
+def _lua(runtime, value):
+    if isinstance(value, dict):
+        return runtime.table_from({k: _lua(runtime, v) for k, v in value.items()})
+    if isinstance(value, list):
+        return runtime.table_from([_lua(runtime, v) for v in value])
+    return value
+
+
+def test_fields_removed_from_a_worker_group_leave_its_deployment(operator, crds):
+    spec = {"replicas": 0, "nodeSelector": {"disk": "ssd"},
+            "tolerations": [{"key": "batch", "operator": "Exists"}],
+            "env": [{"name": "REGION", "value": "eu"}]}
+    apply(crds, worker_group("trimmed", **spec), "-n", TEAM)
+
+    def pod_spec():
+        found = get(crds, "deployment", "gristmill-workers-trimmed", "-n", TEAM)
+        return found and found["spec"]["template"]["spec"]
+
+    first = wait_for("the Deployment", pod_spec)
+    assert first["nodeSelector"] == {"disk": "ssd"} and first["tolerations"]
+    trimmed = copy.deepcopy(spec)
+    for key in ("nodeSelector", "tolerations", "env"):
+        trimmed.pop(key)
+    kubectl(crds, "replace", "-n", TEAM, "-f", "-", input=yaml.safe_dump({
+        **worker_group("trimmed", **trimmed),
+        "metadata": {"name": "trimmed", "resourceVersion": get(
+            crds, "workergroup", "trimmed", "-n", TEAM)["metadata"]["resourceVersion"]}}))
+    after = wait_for("nodeSelector and tolerations gone from the Deployment", lambda: (
+        lambda s: s if s and "nodeSelector" not in s and "tolerations" not in s else None)(
+        pod_spec()))
+    env = {e["name"] for e in after["containers"][0]["env"]}
+    assert "REGION" not in env and "GRISTMILL_DATABASE_URL" in env
+    kubectl(crds, "delete", "workergroup", "trimmed", "-n", TEAM, "--wait=true")
+
+
+def test_a_script_of_200_kib_applied_by_kubectl_is_handled(operator, crds):
+    """kubectl's own last-applied annotation holds the whole Script; kopf's copy must not
+    be another (annotations are limited to 256 KiB together)."""
+    filler = "\n".join(f"# {'x' * 70}" for _ in range(2_800))  # about 200 KiB of comments
+    manifest = {"apiVersion": "gristmill.io/v1alpha1", "kind": "Script",
+                "metadata": {"name": "big", "namespace": TEAM},
+                "spec": {"language": "python", "code": f"{filler}\ndef main():\n    return 1\n"}}
+    apply(crds, manifest)  # client-side apply, as most people run it
+    found = ready(crds, "script", "big")
+    annotations = found["metadata"].get("annotations", {})
+    assert sum(len(k) + len(v) for k, v in annotations.items()) < 256 * 1024

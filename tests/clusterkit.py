@@ -18,7 +18,8 @@ def kubectl(cluster, *args: str, input: str | None = None, check: bool = True,
     env = environment(cluster.control_plane)
     if kubeconfig is not None:
         env["KUBECONFIG"] = str(kubeconfig)
-    result = subprocess.run(["kubectl", *args], input=input, capture_output=True, text=True,
+    binary = str(cluster.control_plane.binaries.kubectl)  # the API server's own version
+    result = subprocess.run([binary, *args], input=input, capture_output=True, text=True,
                             env=env, timeout=60)
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")

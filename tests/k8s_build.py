@@ -1,5 +1,5 @@
-"""kube-apiserver, kube-controller-manager and etcd, built from the Go module proxy and
-cached outside the repository, once per machine and version.
+"""kube-apiserver, kube-controller-manager, kubectl and etcd, built from the Go module
+proxy and cached outside the repository, once per machine and version.
 
 `k8s.io/kubernetes` cannot be `go install`ed: its go.mod replaces the staging modules
 (k8s.io/api, k8s.io/client-go, ...) with local paths. A module of our own requires it
@@ -29,10 +29,14 @@ CACHE = Path(os.environ.get("GRISTMILL_K8S_CACHE") or Path.home() / ".cache" / "
              / "control-plane")
 
 
+KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kubectl")
+
+
 @dataclass(frozen=True)
 class Binaries:
     kube_apiserver: Path
     kube_controller_manager: Path
+    kubectl: Path  # of the same version: a client of another may not speak its API
     etcd: Path
 
 
@@ -46,8 +50,7 @@ def _bin_dir() -> Path:
 
 def cached() -> Binaries | None:
     bin_dir = _bin_dir()
-    found = Binaries(bin_dir / "kube-apiserver", bin_dir / "kube-controller-manager",
-                     bin_dir / "etcd")
+    found = Binaries(*(bin_dir / command for command in KUBERNETES_COMMANDS), bin_dir / "etcd")
     return found if all(p.exists() for p in vars(found).values()) else None
 
 
@@ -87,12 +90,13 @@ def _build_kubernetes(work: Path, bin_dir: Path, log) -> None:
         f"require k8s.io/kubernetes v{KUBERNETES}\n\nreplace (\n{replaces})\n")
     (work / "tools.go").write_text(
         '//go:build tools\n\npackage tools\n\nimport (\n'
-        '\t_ "k8s.io/kubernetes/cmd/kube-apiserver"\n'
-        '\t_ "k8s.io/kubernetes/cmd/kube-controller-manager"\n)\n')
+        + "".join(f'\t_ "k8s.io/kubernetes/cmd/{command}"\n' for command in KUBERNETES_COMMANDS)
+        + ")\n")
     _go("mod", "tidy", cwd=work, log=log)
-    for command in ("kube-apiserver", "kube-controller-manager"):
-        _go("build", "-trimpath", "-ldflags", _version_ldflags(), "-o",
-            str(bin_dir / command), f"k8s.io/kubernetes/cmd/{command}", cwd=work, log=log)
+    for command in KUBERNETES_COMMANDS:
+        if not (bin_dir / command).exists():
+            _go("build", "-trimpath", "-ldflags", _version_ldflags(), "-o",
+                str(bin_dir / command), f"k8s.io/kubernetes/cmd/{command}", cwd=work, log=log)
 
 
 def _build_etcd(work: Path, bin_dir: Path, log) -> None:
@@ -123,7 +127,7 @@ def ensure_binaries(say=print) -> Binaries:
         if not (bin_dir / "etcd").exists():
             say(f"building etcd {ETCD} (about a minute)...")
             _build_etcd(bin_dir.parent / "etcd-module", bin_dir, log)
-        say(f"building kube-apiserver and kube-controller-manager {KUBERNETES} "
+        say(f"building {', '.join(KUBERNETES_COMMANDS)} {KUBERNETES} "
             f"(10-20 minutes on 2 cores, once per machine)...")
         _build_kubernetes(bin_dir.parent / "kubernetes-module", bin_dir, log)
         say(f"built the control plane in {time.monotonic() - started:.0f}s into {bin_dir}")

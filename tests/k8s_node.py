@@ -48,6 +48,9 @@ PROJECT_SOURCE = Path(__file__).resolve().parent.parent / "operator"
 SOURCE_MOUNT = "/run/gristmill-test-node/src"  # the project, where a covered /work hides it
 GRISTMILL_IMAGE_MARKERS = ("gristmill",)  # images whose entrypoint is `gristmill`
 MAX_BACKOFF_S = 10.0
+# Where pods' volumes live on the host: not under /tmp, which pods cover with an emptyDir
+# of their own before their other volumes are mounted.
+SCRATCH = Path("/var/lib/gristmill-test-node/pods")
 
 
 def _now() -> str:
@@ -108,6 +111,7 @@ class Node:
         self.cp, self.network = control_plane, network
         self.pods: dict[str, RunningPod] = {}  # by uid
         self.port = 0
+        self._deletions: set[asyncio.Task] = set()
 
     # ---- the API server ------------------------------------------------------------------
 
@@ -141,8 +145,10 @@ class Node:
             heartbeats = asyncio.create_task(self._heartbeat())
             ready.set()
             await stop.wait()
-            watching.cancel()
-            heartbeats.cancel()
+            for task in [watching, heartbeats, *self._deletions]:
+                task.cancel()
+            await asyncio.gather(watching, heartbeats, *self._deletions,
+                                 return_exceptions=True)
             for running in list(self.pods.values()):
                 await self._stop_pod(running, grace_s=2)
             await runner.cleanup()
@@ -220,7 +226,9 @@ class Node:
             return
         if meta.get("deletionTimestamp"):
             if running and not running.stopping:
-                asyncio.create_task(self._delete_gracefully(running, pod))
+                deletion = asyncio.create_task(self._delete_gracefully(running, pod))
+                self._deletions.add(deletion)
+                deletion.add_done_callback(self._deletions.discard)
             elif not running:  # never started here (or this node restarted): let it go
                 await self._final_delete(pod)
             return
@@ -241,7 +249,8 @@ class Node:
     def _start_pod(self, pod: dict) -> None:
         key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
         netns, ip = self.network.add_pod(pod["metadata"]["uid"])
-        scratch = Path(tempfile.mkdtemp(prefix=f"node-{pod['metadata']['name'][:40]}-"))
+        SCRATCH.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{pod['metadata']['name'][:40]}-", dir=SCRATCH))
         running = RunningPod(pod, netns, ip, scratch)
         self.pods[pod["metadata"]["uid"]] = running
         running.task = asyncio.create_task(self._run_pod(running), name=key)

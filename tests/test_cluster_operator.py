@@ -18,7 +18,6 @@ import uuid
 import lupa
 import psycopg
 import pytest
-import yaml
 from clusterkit import ROOT, apply, condition, get, kubectl, wait_for
 from test_cli import free_port
 
@@ -26,6 +25,7 @@ from gristmill.store import queue
 from gristmill.store import scripts as script_store
 from gristmill.store.migrate import migrate_url
 
+pytestmark = pytest.mark.timeout(240)  # pods start as processes: slower than a unit test
 OPERATOR_NAMESPACE = "gristmill"  # files/rbac.yaml's own
 TEAM = "team-a"
 STRICT = "strict"  # enforces Pod Security baseline
@@ -67,16 +67,19 @@ class RunningOperator:
         except OSError:
             return False
 
-    def stop(self) -> None:
+    def stop(self, cluster) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
+        # Cluster-wide objects go: the chart's release must be able to own them later.
+        kubectl(cluster, "delete", "--wait=false", "-f",
+                str(ROOT / "charts/gristmill/files/rbac.yaml"))
 
 
 @pytest.fixture(scope="module")
 def operator(crds, tmp_path_factory):
     running = RunningOperator(crds, tmp_path_factory.mktemp("operator"))
     yield running
-    running.stop()
+    running.stop(crds)
     print(running.log.read_text()[-5000:])  # shown when a test of this module failed
 
 
@@ -177,10 +180,7 @@ def test_fields_removed_from_a_worker_group_leave_its_deployment(operator, crds)
     trimmed = copy.deepcopy(spec)
     for key in ("nodeSelector", "tolerations", "env"):
         trimmed.pop(key)
-    kubectl(crds, "replace", "-n", TEAM, "-f", "-", input=yaml.safe_dump({
-        **worker_group("trimmed", **trimmed),
-        "metadata": {"name": "trimmed", "resourceVersion": get(
-            crds, "workergroup", "trimmed", "-n", TEAM)["metadata"]["resourceVersion"]}}))
+    apply(crds, worker_group("trimmed", **trimmed), "-n", TEAM)  # drops what it no longer has
     after = wait_for("nodeSelector and tolerations gone from the Deployment", lambda: (
         lambda s: s if s and "nodeSelector" not in s and "tolerations" not in s else None)(
         pod_spec()))

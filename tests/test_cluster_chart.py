@@ -1,0 +1,95 @@
+"""The chart installed for real: Helm 4 (the helm-python-sdk library) installs, upgrades and
+uninstalls it on the test control plane; its operator, API and workers run as pods on the
+test node; examples applied with kubectl run through the installed API with the pod
+executor, driven by the `gristmill` CLI as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import helm_python as helm
+import pytest
+from clusterkit import ROOT, condition, get, kubectl, wait_for
+
+pytestmark = pytest.mark.timeout(360)  # pods start as processes: slower than a unit test
+NAMESPACE = "gristmill-system"
+RELEASE = "gm"
+
+
+def gristmill(*args: str, server: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gristmill.cli", *args, "--server", server],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def release_values(database_url: str) -> dict:
+    return {
+        "image": {"repository": "ghcr.io/gristmill/worker", "tag": "test"},
+        "database": {"url": database_url},
+        "workerGroups": [{"name": "default", "spec": {
+            "tags": ["python", "bash"], "executor": "pod", "replicas": 1}}],
+    }
+
+
+@pytest.fixture(scope="module")
+def release(cluster):
+    database_url = cluster.database_url("chart_release")
+    with helm.Config(kubeconfig_path=str(cluster.control_plane.admin_kubeconfig),
+                     namespace=NAMESPACE) as config:
+        installed = config.install(str(ROOT / "charts/gristmill"), RELEASE,
+                                   release_values(database_url), namespace=NAMESPACE,
+                                   create_namespace=True, wait="watcher", timeout=240)
+        yield config, installed, database_url
+        config.uninstall(RELEASE, wait="watcher", timeout=120)
+
+
+def api_server(cluster) -> str:
+    pods = get(cluster, "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/name=gristmill-api")
+    (pod,) = [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp")]
+    return f"http://{pod['status']['podIP']}:8080"
+
+
+def test_the_chart_installs_and_serves_scripts_and_flows(release, cluster):
+    _, installed, _ = release
+    assert installed["status"] == "deployed"
+    for name in ("gristmill-operator", "gristmill-api", "gristmill-workers-default"):
+        wait_for(f"{name} available", lambda name=name: (get(
+            cluster, "deployment", name, "-n", NAMESPACE) or {}).get("status", {}).get(
+            "readyReplicas") == 1, timeout=120)
+    group = wait_for("the default WorkerGroup Ready", lambda: (lambda g: g if condition(
+        g).get("status") == "True" else None)(get(cluster, "workergroup", "default", "-n",
+                                                 NAMESPACE)), timeout=90)
+    assert group["spec"]["image"] == "ghcr.io/gristmill/worker:test"
+
+    kubectl(cluster, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples"))
+    for kind, name in (("script", "hello"), ("flow", "process-orders")):
+        wait_for(f"{kind} {name} Ready", lambda kind=kind, name=name: condition(get(
+            cluster, kind, name, "-n", NAMESPACE)).get("status") == "True", timeout=90)
+    server = api_server(cluster)
+    hello = gristmill("run", "script", "hello", "-n", NAMESPACE, "--input",
+                      '{"name": "cluster"}', "--wait", server=server)
+    assert hello.returncode == 0, hello.stderr
+    assert json.loads(hello.stdout) == {"greeting": "Hello, cluster."}
+    flow = gristmill("run", "flow", "process-orders", "-n", NAMESPACE, "--input",
+                     '{"batch": "b-1"}', "--wait", "-o", "json", server=server, timeout=240)
+    assert flow.returncode == 0, flow.stderr + flow.stdout
+    run = json.loads(flow.stdout)
+    assert run["status"] == "succeeded" and run["steps"]
+    # Every job ran as a pod of its own, through the API server and the node.
+    finished_pods = get(cluster, "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/name=gristmill-job")
+    assert finished_pods is not None
+
+
+def test_the_chart_upgrades_in_place(release, cluster):
+    config, _, database_url = release
+    values = release_values(database_url)
+    values["retention"] = "7d"
+    upgraded = config.upgrade(str(ROOT / "charts/gristmill"), RELEASE, values,
+                              namespace=NAMESPACE, wait="watcher", timeout=240)
+    assert upgraded["status"] == "deployed" and upgraded["revision"] == 2
+    api = get(cluster, "deployment", "gristmill-api", "-n", NAMESPACE)
+    assert "--retention=7d" in api["spec"]["template"]["spec"]["containers"][0]["args"]
+    wait_for("the upgraded API serving", lambda: gristmill(
+        "run", "script", "hello", "-n", NAMESPACE, "--wait",
+        server=api_server(cluster)).returncode == 0, timeout=120)

@@ -12,6 +12,7 @@ container's securityContext applied as the kubelet translates it:
 | procMount: Unmasked (else Default)    | no masked or read-only paths (else the kubelet's)  |
 | capabilities add / drop               | containerd's 14 default capabilities, changed      |
 | seccompProfile RuntimeDefault         | containerd's default profile for those capabilities |
+| seccompProfile Localhost              | the named profile (`Pod.localhost_profiles`)       |
 | seccompProfile Unconfined (or unset)  | no seccomp filter (the kubelet's default)          |
 | allowPrivilegeEscalation: false       | noNewPrivileges                                    |
 | readOnlyRootFilesystem: true          | a read-only root                                   |
@@ -147,6 +148,8 @@ class Pod:
         "metadata.name": "worker-0", "metadata.namespace": "default",
         "metadata.uid": str(uuid.uuid4())})
     host_id_base: int = 0  # where the pod's ids start on the host (hostUsers: false)
+    # The node's seccomp profiles (the kubelet's seccomp/ dir), by localhostProfile.
+    localhost_profiles: Mapping[str, dict] = field(default_factory=dict)
 
     @property
     def container(self) -> dict:
@@ -189,11 +192,11 @@ class Pod:
         caps += [f"CAP_{c}" for c in adds if f"CAP_{c}" not in caps]
         return [c for c in caps if c[4:] not in drops]
 
-    def seccomp_type(self) -> str:
+    def seccomp_profile(self) -> dict:
         own = self.security.get("seccompProfile")
         pods = (self.pod_spec.get("securityContext") or {}).get("seccompProfile")
         # Without one, the kubelet asks for Unconfined (unless its SeccompDefault is on).
-        return (own or pods or {"type": "Unconfined"})["type"]
+        return own or pods or {"type": "Unconfined"}
 
 
 def container_config(pod: Pod, *, rootfs: Path, binds: list[Bind],
@@ -237,10 +240,13 @@ def container_config(pod: Pod, *, rootfs: Path, binds: list[Bind],
         linux["namespaces"].append({"type": "user"})
         mapping = [{"containerID": 0, "hostID": pod.host_id_base, "size": IDS_PER_POD}]
         linux["uidMappings"], linux["gidMappings"] = mapping, mapping
-    if pod.seccomp_type() == "RuntimeDefault":
+    seccomp = pod.seccomp_profile()
+    if seccomp["type"] == "RuntimeDefault":
         linux["seccomp"] = containerd_seccomp(caps)
-    elif pod.seccomp_type() != "Unconfined":
-        raise ValueError(f"seccompProfile {pod.seccomp_type()} is not emulated")
+    elif seccomp["type"] == "Localhost":
+        linux["seccomp"] = pod.localhost_profiles[seccomp["localhostProfile"]]
+    elif seccomp["type"] != "Unconfined":
+        raise ValueError(f"seccompProfile {seccomp['type']} is not emulated")
     config["linux"] = linux
     return config
 

@@ -61,7 +61,7 @@ from gristmill.sandbox.requirements import RequirementsCache
 from gristmill.sandbox.safedir import UnsafePath, ensure_dir
 from gristmill.sandbox.seccomp import filter_fd, job_filter
 from gristmill.sandbox.uids import UidPool
-from gristmill.sandbox.userns import network_belongs_to_this_pod
+from gristmill.sandbox.userns import in_user_namespace, network_belongs_to_this_pod
 from gristmill.values import clean_text
 
 __all__ = ["PATH", "SITE_DIR", "ProcessExecutor", "check_sandbox_available", "drain_pipe",
@@ -222,7 +222,19 @@ class ProcessExecutor:
             self.uids.reap_orphans()  # what a worker that died here left behind
             self._remove_stale_job_dirs()
         self._probe()
+        self._warn_if_the_nodes_root()
         self._announce_network()
+
+    def _warn_if_the_nodes_root(self) -> None:
+        """A worker pod is meant to be root over its own user namespace only: one that runs
+        as the node's root was given hostUsers: false by a runtime that ignored it."""
+        if self.as_root and os.environ.get("KUBERNETES_SERVICE_HOST") and \
+                not in_user_namespace():
+            log.warning("this worker runs in a Kubernetes pod as the node's root (no user "
+                        "namespace of its own: the container runtime ignored hostUsers: "
+                        "false, as containerd 1.6 and older do); its jobs' uids are shared "
+                        "with every such pod on the node. Use containerd 2.0+ or CRI-O "
+                        "1.25+ on the nodes, or executor: pod")
 
     def _announce_network(self) -> None:
         """Say at start-up where network jobs' network comes from, unless it is their own."""

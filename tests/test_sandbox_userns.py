@@ -4,6 +4,7 @@ diagnosis, on their own (test_sandbox_in_runc.py runs them in a real container).
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -110,3 +111,13 @@ def test_the_runtimes_proc_masks_are_recognised():
 def test_a_seccomp_filter_is_recognised():
     assert diagnose.seccomp_filtered("Name:\tx\nSeccomp:\t2\nSeccomp_filters:\t1\n")
     assert not diagnose.seccomp_filtered("Name:\tx\nSeccomp:\t0\n")
+
+
+def test_a_pod_worker_that_is_the_nodes_root_says_so(tmp_path, monkeypatch, caplog):
+    if os.geteuid() != 0 or in_user_namespace():
+        pytest.skip("needs root in the host's user namespace")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")  # as in every pod
+    with caplog.at_level(logging.WARNING, logger="gristmill.sandbox"):
+        make_executor(tmp_path)
+    assert "runs in a Kubernetes pod as the node's root" in caplog.text
+    assert "ignored hostUsers: false" in caplog.text

@@ -5,9 +5,9 @@ uid, so two jobs must never share one, even across worker processes: each
 uid is leased by holding an exclusive flock on a file named after it. The
 uids come from those the worker's user namespace maps (userns.py): 200000 up
 on a host, 10000-59999 in a pod of its own user namespace, whose host ids no
-other pod on the node shares. The lock
-files live in a directory only root may write (see safedir.py): a local user
-who could create them first could hold every uid, or point them elsewhere.
+other pod on the node shares. The lock files live in a directory only root
+may write (see safedir.py): a local user who could create them first could
+hold every uid, or point them elsewhere.
 
 A uid nobody holds has no job, so a sandbox still running as it was left by a
 worker that died at a moment its jobs could not follow it (pasta's or bwrap's

@@ -19,7 +19,11 @@ container's securityContext applied as the kubelet translates it:
 
 containerd's defaults come from containerd itself: tests/oci_defaults/ is a small Go
 program built once per machine from the Go module proxy (cached outside the repository).
-AppArmor and SELinux are not emulated: these machines have neither (see README).
+Not emulated: AppArmor and SELinux (these machines have neither: see README), resources
+(no cgroup limits), the pause container (the container's namespaces are its own),
+idmapped mounts (runc 1.1 has none: the rootfs is chowned to the container's root
+instead, as containerd did before idmap support), and the kubelet's /etc/hosts and
+/etc/resolv.conf.
 
 The rootfs is the image as far as the worker needs it: the host's /usr and /etc, the
 test's Python and the project's source, each bound read-only on its own (never an rbind
@@ -286,6 +290,7 @@ class Container:
     id: str
     process: subprocess.Popen
     log: Path
+    host_id_base: int = 0  # the host id of the container's root (its user namespace's map)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -325,7 +330,8 @@ def run_container(bundle: Path, config: dict) -> Iterator[Container]:
             ["runc", "--root", str(state), "run", "--bundle", str(bundle), container_id],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
-    container = Container(bundle, state, container_id, process, log)
+    mappings = config["linux"].get("uidMappings") or [{"hostID": 0}]
+    container = Container(bundle, state, container_id, process, log, mappings[0]["hostID"])
     try:
         yield container
     finally:

@@ -197,7 +197,6 @@ def worker_container(pod_spec: dict, database: Database | None = None,
                               extra_env=image_env())
     try:
         with run_container(bundle, config) as container:
-            container.host_id_base = base  # type: ignore[attr-defined]
             yield container
     finally:
         shutil.rmtree(bundle, ignore_errors=True)
@@ -390,7 +389,7 @@ async def test_the_charts_worker_pod_runs_jobs_in_a_container(runc_host, tmp_pat
             if jobs:
                 break
             await asyncio.sleep(0.1)
-        base = worker.host_id_base  # type: ignore[attr-defined]
+        base = worker.host_id_base
         assert jobs and all(base + 10_000 <= uid < base + 60_000 for _, uid in jobs), jobs
 
         health = worker.exec(sys.executable, "-c", "import urllib.request; print(urllib.request"

@@ -112,7 +112,15 @@ def test_worker_deployment_is_a_valid_deployment(version):
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:5] == ["worker", "--tags", "gpu,cuda", "--concurrency", "2"]
     # Stops with time to hand back jobs before the kubelet's SIGKILL; probed for progress.
-    assert container["args"][5:] == ["--grace-period", "110", "--health-port", "8081"]
+    assert container["args"][5:9] == ["--grace-period", "110", "--health-port", "8081"]
+    # The process executor in a pod of its own user namespace, with an unmasked /proc (the
+    # least that runs its jobs: tests/test_sandbox_in_runc.py); network jobs share the
+    # pod's network, as a pod has no /dev/net/tun.
+    assert container["args"][9:] == ["--job-network", "pod"]
+    pod_spec = deployment["spec"]["template"]["spec"]
+    assert pod_spec["hostUsers"] is False
+    assert container["securityContext"]["procMount"] == "Unmasked"
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["ports"] == [{"name": "health", "containerPort": 8081}]
     assert deployment["spec"]["replicas"] == 5

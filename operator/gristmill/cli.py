@@ -204,15 +204,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from gristmill.worker.loop import Worker, WorkerConfig, WorkerCrashed
 
     url = _database_url(args)
-    pods = None
-    if args.executor == "pod":
-        from gristmill.sandbox.pod import PodExecutor
-        pods = PodExecutor.from_environment(args.job_image)
-    else:
-        process.check_sandbox_available()
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
     if not tags:
         raise UsageError("--tags needs at least one tag, e.g. --tags python,bash")
+    if args.executor == "pod":
+        from gristmill.sandbox.pod import PodExecutor
+        executor = PodExecutor.from_environment(args.job_image)
+    else:
+        # Before the database: a worker whose sandbox cannot run a job must not wait to
+        # serve, and says why at once (the executor starts a whole job to find out).
+        process.check_sandbox_available()
+        executor = process.ProcessExecutor(job_network=args.job_network)
     config = WorkerConfig(database_url=url, tags=tags, concurrency=args.concurrency,
                           lease=dt.timedelta(seconds=args.lease), grace_period=args.grace_period,
                           poll_interval=args.poll_interval, stall_after=args.stall_after,
@@ -222,7 +224,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if not await _migrate_when_reachable(url, stop):
             return 0
         try:
-            await Worker(config, pods or process.ProcessExecutor()).run(stop)
+            await Worker(config, executor).run(stop)
         except WorkerCrashed as exc:
             print(f"gristmill: {exc}; exiting for a restart", file=sys.stderr)
             return 1
@@ -435,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="process: a sandboxed process here; pod: a Kubernetes pod per job")
     p.add_argument("--job-image", help="pod executor: the job pods' image "
                                        "(env GRISTMILL_JOB_IMAGE)")
+    p.add_argument("--job-network", choices=["pasta", "pod"], default="pasta",
+                   help="process executor, sandbox.network jobs: pasta: a network namespace "
+                        "of the job's own (needs /dev/net/tun); pod: the worker pod's own "
+                        "network namespace, shared (a pod's only, never the node's; what "
+                        "the operator passes)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("api", help="serve the HTTP API")

@@ -32,11 +32,27 @@ def _field(path: str) -> dict[str, Any]:
     return {"valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-# The process executor needs user namespaces inside the container: the worker runs
-# with an Unconfined seccomp profile and no privilege escalation; every job then
-# drops to a uid of its own with no capabilities (see sandbox/process.py).
+# A process-executor worker makes a user, mount and pid namespace and a new /proc for
+# every job (sandbox/command.py), which a container allows only (measured in runc with
+# containerd 2.4's defaults, tests/test_sandbox_in_runc.py):
+# - in a pod of its own user namespace (hostUsers: false), where it is root over its own
+#   65536 ids only, and its jobs take uids from them, unique on the node;
+# - with procMount Unmasked: under the runtime's masked /proc paths no /proc can be
+#   mounted (Kubernetes allows Unmasked with hostUsers: false only);
+# - with seccomp Unconfined: RuntimeDefault refuses unshare and mount, and still refuses
+#   pivot_root when CAP_SYS_ADMIN is added (the jobs keep a filter of their own);
+# - unconfined by AppArmor (the annotation below): the runtime's profile denies mounts.
+# It keeps only the capabilities it uses: chown, chmod and remove its jobs' files, set
+# their uid and drop their capabilities, kill what they leave.
 PROCESS_WORKER_SECURITY = {"allowPrivilegeEscalation": False,
+                           "procMount": "Unmasked",
+                           "capabilities": {"drop": ["ALL"],
+                                            "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER",
+                                                    "SETUID", "SETGID", "SETPCAP", "KILL"]},
                            "seccompProfile": {"type": "Unconfined"}}
+# A pod has no /dev/net/tun for pasta: network jobs share the worker pod's own network
+# (the worker refuses where it is not a pod's own, and says so in the job's log).
+PROCESS_WORKER_ARGS = ["--job-network", "pod"]
 # A pod-executor worker only talks to Postgres and the API server: PSS restricted.
 POD_WORKER_SECURITY = {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
                        "runAsUser": 65532, "capabilities": {"drop": ["ALL"]},
@@ -70,6 +86,8 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
                 {"name": "GRISTMILL_POD_NAME", **_field("metadata.name")},
                 {"name": "GRISTMILL_POD_UID", **_field("metadata.uid")},
                 {"name": "GRISTMILL_POD_NAMESPACE", **_field("metadata.namespace")}]
+    else:
+        args += PROCESS_WORKER_ARGS
     env += [{"name": var.name, "value": var.value} for var in spec.env]
     container: dict[str, Any] = {
         "name": "worker",
@@ -93,8 +111,10 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
         pod_spec["securityContext"] = {"runAsNonRoot": True,
                                        "seccompProfile": {"type": "RuntimeDefault"}}
         pod_spec["serviceAccountName"] = spec.serviceAccountName or job_runner_name(name)
-    elif spec.serviceAccountName:
-        pod_spec["serviceAccountName"] = spec.serviceAccountName
+    else:
+        pod_spec["hostUsers"] = False
+        if spec.serviceAccountName:
+            pod_spec["serviceAccountName"] = spec.serviceAccountName
     template_metadata: dict[str, Any] = {"labels": pod_labels}
     if not pods:
         # AppArmor's container profile forbids the mounts bubblewrap makes (Ubuntu nodes);

@@ -1,13 +1,16 @@
 """The command line that puts one job in its sandbox, outermost first.
 
     setpriv (as root: the job's own uid, no capabilities; killed if the worker dies)
-      [pasta ... -- setpriv]  network jobs: a user and network namespace with outbound
-                              access only (and again killed if pasta dies)
+      [pasta ... -- setpriv]  network jobs (--job-network pasta): a user and network
+                              namespace with outbound access only (and again killed if
+                              pasta dies)
         prlimit (memory, CPU time, processes, file size, open files, no core dumps)
-          unshare [--user --map-root-user] --mount --pid --fork --kill-child
+          unshare [--user --map-root-user] --mount --pid --fork --kill-child --mount-proc
             sh MOUNT_DISK (a tmpfs of `disk` bytes and inodes, holding /work and /tmp)
               bwrap (new user, pid, ipc, uts, cgroup [and net] namespaces, no nested user
-                     namespaces, read-only system dirs, seccomp filter, empty environment)
+                     namespaces, read-only system dirs, seccomp filter, empty environment;
+                     network jobs keep pasta's network, or with --job-network pod the
+                     worker pod's own)
                 the runtime's argv
 
 Nothing of a job outlives its worker: the first process dies with the worker
@@ -26,7 +29,11 @@ what bwrap needs: unprivileged user namespaces); it vanishes with the job.
 Network jobs get their own network namespace from pasta (Debian's passt),
 which carries their connections out through the host's stack; the host's
 loopback services and abstract unix sockets stay out of reach (no gateway
-mapping to the host, no port forwarding either way).
+mapping to the host, no port forwarding either way). pasta needs /dev/net/tun,
+which a Kubernetes pod lacks unless a device plugin gives it one: there network
+jobs share the worker pod's own network namespace instead (`--job-network pod`),
+which reaches what the pod reaches, its loopback included (process.py checks
+that it is a pod's own, never the node's).
 """
 
 from __future__ import annotations
@@ -115,16 +122,27 @@ def rlimits(limits: Limits) -> list[str]:
             "--core=0", f"--nofile={MAX_OPEN_FILES}", "--"]
 
 
-def job_command(*, uid: int | None, limits: Limits, network: bool, argv: list[str],
+# Where a network job's network comes from (JobRequest.network asks for one).
+NETWORK_PASTA = "pasta"  # a network namespace of the job's own, connected out by pasta
+NETWORK_POD = "pod"  # the worker pod's own network namespace, shared
+JOB_NETWORKS = (NETWORK_PASTA, NETWORK_POD)
+
+
+def job_command(*, uid: int | None, limits: Limits, network: str | None, argv: list[str],
                 env: Mapping[str, str], job_dir: JobDir, site: Path | None,
                 fds: JobFds) -> list[str]:
+    """`network`: None for no network, else one of JOB_NETWORKS."""
+    if network not in (None, *JOB_NETWORKS):
+        raise ValueError(f"unknown job network {network!r}")
     command = ["setpriv", "--pdeathsig", "SIGKILL"]
     if uid is not None:
         command += [f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
                     "--bounding-set=-all"]
     command.append("--")
-    tree = ["--mount", "--pid", "--fork", "--kill-child", "--"]
-    if network:  # pasta outside the rlimits: its buffers alone would eat a small --as
+    # A /proc of the new pid namespace: bwrap looks its child up there by the pid it sees
+    # (for --json-status-fd); the /proc of a container's own pid namespace lacks it.
+    tree = ["--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--"]
+    if network == NETWORK_PASTA:  # outside the rlimits: its buffers alone eat a small --as
         command += [*PASTA, "--", "setpriv", "--pdeathsig", "SIGKILL", "--", *rlimits(limits),
                     "unshare", *tree]
     else:
@@ -142,8 +160,8 @@ def job_command(*, uid: int | None, limits: Limits, network: bool, argv: list[st
                 "--proc", "/proc", "--dev", "/dev",
                 "--bind", str(disk / "tmp"), "/tmp", "--bind", str(disk / "work"), "/work",
                 "--chdir", "/work", "--clearenv"]
-    if network:
-        command.append("--share-net")  # pasta's namespace, not the host's
+    if network is not None:
+        command.append("--share-net")  # pasta's namespace, or the worker pod's
     if site is not None:
         command += ["--ro-bind", str(site), SITE_DIR]
     command += ["--remount-ro", "/",  # after the mounts: only /work and /tmp stay writable

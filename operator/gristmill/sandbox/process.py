@@ -5,7 +5,8 @@ with every capability dropped; command.py builds the chain of tools that
 confines it. The job sees a read-only view of the system directories only
 (not /root, /home, /var, /run), a private /work and /tmp on a tmpfs capped in
 bytes and inodes (spec.resources.disk), no network unless the Script asks
-(and then a network namespace of its own with outbound access), no nested
+(and then a network namespace of its own with outbound access, or with
+`job_network="pod"` the worker pod's own network namespace), no nested
 user namespaces, a seccomp filter (seccomp.py), and an empty environment but
 for what the Script declares. rlimits cap memory (address space), CPU time,
 processes (per uid, hence one uid per job), file size and core dumps; the
@@ -23,6 +24,7 @@ import asyncio
 import codecs
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from gristmill.runtimes import get_runtime
 from gristmill.runtimes.base import Report
+from gristmill.sandbox import diagnose
 from gristmill.sandbox.base import (
     JobOutcome,
     JobRequest,
@@ -44,11 +47,21 @@ from gristmill.sandbox.base import (
     failure,
     killed_by_signal,
 )
-from gristmill.sandbox.command import PATH, SITE_DIR, JobDir, JobFds, job_command
+from gristmill.sandbox.command import (
+    JOB_NETWORKS,
+    NETWORK_PASTA,
+    NETWORK_POD,
+    PATH,
+    SITE_DIR,
+    JobDir,
+    JobFds,
+    job_command,
+)
 from gristmill.sandbox.requirements import RequirementsCache
 from gristmill.sandbox.safedir import UnsafePath, ensure_dir
 from gristmill.sandbox.seccomp import filter_fd, job_filter
 from gristmill.sandbox.uids import UidPool
+from gristmill.sandbox.userns import in_user_namespace, network_belongs_to_this_pod
 from gristmill.values import clean_text
 
 __all__ = ["PATH", "SITE_DIR", "ProcessExecutor", "check_sandbox_available", "drain_pipe",
@@ -57,6 +70,10 @@ __all__ = ["PATH", "SITE_DIR", "ProcessExecutor", "check_sandbox_available", "dr
 _SIGXCPU_EXIT = 128 + signal.SIGXCPU
 STDERR_TAIL = 4096  # characters of stderr kept to explain a sandbox that did not start
 TUN = "/dev/net/tun"
+POD_NETWORK_NOTE = ("[gristmill] this job shares the worker pod's network (the worker runs "
+                    "with --job-network pod): it reaches what the pod reaches, the pod's "
+                    "localhost included\n")
+log = logging.getLogger("gristmill.sandbox")
 
 
 def sandbox_python() -> str:
@@ -78,17 +95,26 @@ def check_sandbox_available() -> None:
             raise SandboxUnavailable(f"{tool} not found; install it with: "
                                      f"apt-get install -y {package}")
     job_filter()  # libseccomp present and the filter compiles
+    if os.geteuid() == 0:
+        return  # jobs never run bwrap as root: ProcessExecutor starts a whole job instead
+    # Necessary, not sufficient: ProcessExecutor then starts a whole job before it serves.
     probe = subprocess.run(["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--", "true"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
-        raise SandboxUnavailable(
-            f"bubblewrap cannot create namespaces here ({probe.stderr.strip()}); in a "
-            f"Kubernetes pod the worker needs a seccomp profile that allows user namespaces, "
-            f"or use the pod executor")
+        raise SandboxUnavailable(f"bubblewrap cannot create namespaces here "
+                                 f"({probe.stderr.strip()}); {diagnose.advice()}")
 
 
-def network_problem() -> str | None:
+def network_problem(job_network: str = NETWORK_PASTA) -> str | None:
     """Why `network: true` jobs cannot run here, or None."""
+    if job_network == NETWORK_POD:
+        if network_belongs_to_this_pod():
+            return None
+        return ("sandbox.network: the worker runs with --job-network pod, which shares the "
+                "worker pod's own network namespace with network jobs, but this worker's is "
+                "not a pod's own (it is not owned by the worker's user namespace, so it may be "
+                "the node's): run the worker in a pod with hostUsers: false, or with "
+                "--job-network pasta where /dev/net/tun is available")
     if shutil.which("pasta") is None:
         return ("sandbox.network needs pasta on the worker: apt-get install -y passt")
     try:
@@ -97,8 +123,8 @@ def network_problem() -> str | None:
         st = None
     if st is None or not stat.S_ISCHR(st.st_mode) or st.st_mode & 0o006 != 0o006:
         return (f"sandbox.network needs {TUN} that every user may open (mode 0666, as udev "
-                f"makes it): chmod 0666 {TUN} (as root), or in Kubernetes give the worker "
-                f"pod the node's {TUN} device")
+                f"makes it): chmod 0666 {TUN} (as root); in Kubernetes, where a pod has no "
+                f"{TUN}, run the worker with --job-network pod (the operator does)")
     return None
 
 
@@ -175,7 +201,13 @@ def _started(status: bytes) -> bool:
 
 class ProcessExecutor:
     def __init__(self, work_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-                 python: str | None = None, uids: UidPool | None = None):
+                 python: str | None = None, uids: UidPool | None = None,
+                 job_network: str = NETWORK_PASTA):
+        """`job_network`: where network jobs' network comes from (command.JOB_NETWORKS)."""
+        if job_network not in JOB_NETWORKS:
+            raise SandboxUnavailable(f"unknown job network {job_network!r}: choose one of "
+                                     f"{', '.join(JOB_NETWORKS)}")
+        self.job_network = job_network
         check_sandbox_available()
         self.as_root = os.geteuid() == 0
         try:  # job uids may enter their own dir, not list the others
@@ -190,6 +222,31 @@ class ProcessExecutor:
             self.uids.reap_orphans()  # what a worker that died here left behind
             self._remove_stale_job_dirs()
         self._probe()
+        self._warn_if_the_nodes_root()
+        self._announce_network()
+
+    def _warn_if_the_nodes_root(self) -> None:
+        """A worker pod is meant to be root over its own user namespace only: one that runs
+        as the node's root was given hostUsers: false by a runtime that ignored it."""
+        if self.as_root and os.environ.get("KUBERNETES_SERVICE_HOST") and \
+                not in_user_namespace():
+            log.warning("this worker runs in a Kubernetes pod as the node's root (no user "
+                        "namespace of its own: the container runtime ignored hostUsers: "
+                        "false, as containerd 1.6 and older do); its jobs' uids are shared "
+                        "with every such pod on the node. Use containerd 2.0+ or CRI-O "
+                        "1.25+ on the nodes, or executor: pod")
+
+    def _announce_network(self) -> None:
+        """Say at start-up where network jobs' network comes from, unless it is their own."""
+        if self.job_network != NETWORK_POD:
+            return
+        problem = network_problem(NETWORK_POD)
+        if problem:
+            log.warning("%s; network jobs will fail", problem)
+        else:
+            log.warning("network jobs share this worker pod's own network namespace "
+                        "(--job-network pod): they reach what the pod reaches, its localhost "
+                        "(the worker's health port) included, but not the node's")
 
     def _remove_stale_job_dirs(self) -> None:
         """Job dirs of a worker that died: each is named after its job's uid (job-UID-...),
@@ -213,8 +270,10 @@ class ProcessExecutor:
     async def run(self, request: JobRequest, on_output: Callable[[str], None],
                   cancel: asyncio.Event) -> JobOutcome:
         runtime = get_runtime(request.language)
-        if request.network and (problem := network_problem()):
+        if request.network and (problem := network_problem(self.job_network)):
             return failure("setup", problem)
+        if request.network and self.job_network == NETWORK_POD:
+            on_output(POD_NETWORK_NOTE)
         site = None
         if request.requirements:
             try:
@@ -243,7 +302,8 @@ class ProcessExecutor:
                 for path in (job_dir.root, *job_dir.root.rglob("*")):
                     os.chown(path, uid, uid, follow_symlinks=False)
             job_dir.root.chmod(0o700)
-            command = job_command(uid=uid, limits=request.limits, network=request.network,
+            network = self.job_network if request.network else None
+            command = job_command(uid=uid, limits=request.limits, network=network,
                                   argv=argv, env=self._environment(request, site),
                                   job_dir=job_dir, site=site,
                                   fds=JobFds(seccomp=seccomp, status=status_write))
@@ -267,9 +327,8 @@ class ProcessExecutor:
         if process.returncode != 0 or not _started(status):
             tail = stderr.decode(errors="replace").strip()[-STDERR_TAIL:]
             raise SandboxUnavailable(f"the sandbox cannot start a job here "
-                                     f"({tail or f'exit code {process.returncode}'}); in a "
-                                     f"container it needs user namespaces, an unmasked /proc "
-                                     f"and permission to mount a tmpfs in them")
+                                     f"({tail or f'exit code {process.returncode}'}); "
+                                     f"{diagnose.advice()}")
 
     async def _supervise(self, request: JobRequest, runtime, launch: _Launch,
                          on_output: Callable[[str], None], cancel: asyncio.Event) -> JobOutcome:

@@ -2,9 +2,12 @@
 
 RLIMIT_NPROC counts processes per uid, and a job's files are private to its
 uid, so two jobs must never share one, even across worker processes: each
-uid is leased by holding an exclusive flock on a file named after it. The lock
-files live in a directory only root may write (see safedir.py): a local user
-who could create them first could hold every uid, or point them elsewhere.
+uid is leased by holding an exclusive flock on a file named after it. The
+uids come from those the worker's user namespace maps (userns.py): 200000 up
+on a host, 10000-59999 in a pod of its own user namespace, whose host ids no
+other pod on the node shares. The lock files live in a directory only root
+may write (see safedir.py): a local user who could create them first could
+hold every uid, or point them elsewhere.
 
 A uid nobody holds has no job, so a sandbox still running as it was left by a
 worker that died at a moment its jobs could not follow it (pasta's or bwrap's
@@ -25,18 +28,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gristmill.sandbox.safedir import ensure_dir
+from gristmill.sandbox.userns import job_uid_range
 
-FIRST_UID = 200_000
-COUNT = 4096
 # Arguments only the sandbox's own processes carry (command.py): bwrap, pasta, unshare.
 CHAIN_MARKS = (b"--disable-userns", b"--no-map-gw", b"--kill-child")
 
 
 class UidPool:
-    def __init__(self, lock_dir: str | Path | None = None, first: int = FIRST_UID,
-                 count: int = COUNT):
+    def __init__(self, lock_dir: str | Path | None = None, first: int | None = None,
+                 count: int | None = None):
+        """`first` and `count`: the uids to lease (default: job_uid_range())."""
         self.lock_dir = ensure_dir(Path(lock_dir or os.environ.get("GRISTMILL_UID_LOCK_DIR")
                                         or "/run/gristmill/uids"), 0o700)
+        if first is None or count is None:
+            first, count = job_uid_range()
         self.first, self.count = first, count
         self._next = os.getpid() % count  # processes start their search apart
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from crdkit import cel_errors as _cel_errors
-from crdkit import refusals, schema_of
+from crdkit import cel_errors, refusals, schema_of
 from kubernetes_validate import validate as k8s_validate
 from kubernetes_validate.utils import latest_version
 
@@ -67,8 +66,8 @@ def test_cel_rules_refuse_what_the_models_refuse():
     bash_with_requirements = {**SCRIPT, "spec": {"language": "bash", "code": "echo",
                                                  "requirements": ["requests"]}}
     schema = schema_of("Script")
-    assert _cel_errors(schema, bash_with_requirements) == ["requirements are for Python Scripts"]
-    assert _cel_errors(schema, SCRIPT) == []
+    assert cel_errors(schema, bash_with_requirements) == ["requirements are for Python Scripts"]
+    assert cel_errors(schema, SCRIPT) == []
 
 
 def test_worker_group_has_a_scale_subresource():
@@ -113,11 +112,11 @@ def test_operator_rbac_is_valid_and_covers_what_the_handlers_touch(version):
 def test_cel_rule_min_not_above_max():
     schema = schema_of("WorkerGroup")
     spec = {"tags": ["gpu"], "autoscaling": {"minReplicas": 5, "maxReplicas": 4}}
-    assert _cel_errors(schema, {**WORKER_GROUP, "spec": spec}) == [
+    assert cel_errors(schema, {**WORKER_GROUP, "spec": spec}) == [
         "autoscaling.minReplicas must not exceed maxReplicas"]
     spec["autoscaling"]["minReplicas"] = 0
-    assert _cel_errors(schema, {**WORKER_GROUP, "spec": spec}) == []
-    assert _cel_errors(schema, WORKER_GROUP) == []
+    assert cel_errors(schema, {**WORKER_GROUP, "spec": spec}) == []
+    assert cel_errors(schema, WORKER_GROUP) == []
 
 
 @pytest.mark.parametrize("kind, name, refused", [

@@ -6,12 +6,16 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from gristmill import __version__
 from gristmill.spec.autoscaling import Autoscaling
 from gristmill.spec.base import KubernetesModel
 from gristmill.spec.meta import ObjectMeta
 from gristmill.spec.script import EnvVar
 from gristmill.spec.status import WorkerGroupStatus
 
+# What a WorkerGroup without spec.image runs when the operator is not told otherwise
+# (`gristmill operator --worker-image`; the chart passes the image it installs).
+DEFAULT_WORKER_IMAGE = f"ghcr.io/gristmill/worker:{__version__}"
 # Its Deployment, ServiceAccount and RoleBinding are gristmill-workers-<name>: 18 + 45 = 63,
 # the most a Kubernetes name may have. Longer names were cut, so two groups shared one.
 MAX_NAME_LENGTH = 45

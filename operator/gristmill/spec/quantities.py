@@ -152,7 +152,7 @@ def _checked_text(grammar: Grammar, value: str | int | float) -> str:
         return _as_text(grammar)(value)
     except ValueError:
         if isinstance(value, float) and math.isfinite(value) and value >= 0:
-            return repr(value)  # code (not a manifest) may hold 1.5 seconds
+            return f"{value:f}"  # code (not a manifest) may hold 1.5 seconds
         raise
 
 

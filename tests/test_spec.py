@@ -55,6 +55,30 @@ def test_quantities():
         parse_cpu("fast")
 
 
+def test_quantities_round_up_as_kubernetes_does_and_stop_at_what_no_machine_has():
+    from gristmill.spec.quantities import MAX_BYTES, MAX_CORES, MAX_DURATION_S
+    assert parse_memory("1.5") == 2 and parse_memory("0.5Ki") == 512
+    assert parse_memory(".5Gi") == 2**29 and parse_memory("1E") == 10**18
+    assert parse_cpu("0.0001") == 0.001 and parse_cpu("0.5m") == 0.001
+    assert parse_memory("1e99999999") == MAX_BYTES  # computed without 10^99999999
+    assert parse_memory("9" * 32) == MAX_BYTES and parse_cpu("9" * 32) == MAX_CORES
+    assert parse_duration("99999999d") == MAX_DURATION_S == parse_duration(2**63 - 1)
+
+
+def test_whole_numbers_in_yaml_are_kept_as_text_and_fractions_refused():
+    loaded = load_manifest_text(script_yaml(
+        "language: bash\ncode: echo\ntimeout: 90\nresources: {cpu: 2, memory: 536870912}\n"
+        "retryBackoff: {initialDelay: 1.0, maxDelay: null}"), "m.yaml")
+    assert not loaded.errors, loaded.errors
+    spec = loaded.resources[0].spec
+    assert (spec.timeout, spec.resources.cpu, spec.resources.memory) == ("90", "2", "536870912")
+    assert spec.retryBackoff.initialDelay == "1" and spec.retryBackoff.maxDelay == "5m"
+    (error,) = errors_of(script_yaml("language: bash\ncode: echo\nresources: {cpu: 0.5}"))
+    assert error == ("m.yaml: Script 's': spec.resources.cpu: invalid CPU quantity 0.5: the "
+                     "Kubernetes API server takes only whole numbers or strings here: write "
+                     "'0.5' (quoted) or 500m")
+
+
 def test_examples_load():
     loaded = load_manifests([EXAMPLES])
     assert not loaded.errors

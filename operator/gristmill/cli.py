@@ -311,6 +311,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
     os.environ["GRISTMILL_METRICS_PORT"] = str(args.metrics_port)
     os.environ["GRISTMILL_AUTOSCALE_INTERVAL"] = str(args.autoscale_interval)
     os.environ["GRISTMILL_RETENTION_SECONDS"] = str(args.retention.total_seconds())
+    if args.worker_image:
+        os.environ["GRISTMILL_WORKER_IMAGE"] = args.worker_image
     import kopf
 
     import gristmill.operator.handlers  # noqa: F401  (registers the handlers)
@@ -471,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prometheus /metrics port (0: none)")
     p.add_argument("--autoscale-interval", type=float, default=5.0,
                    help="seconds between autoscaling decisions (%(default)s)")
+    p.add_argument("--worker-image",
+                   help="image of WorkerGroups that name none (env GRISTMILL_WORKER_IMAGE; "
+                        "default ghcr.io/gristmill/worker:<this version>; the chart passes "
+                        "the image it installs)")
     _retention_arg(p)
     p.set_defaults(func=cmd_operator)
 

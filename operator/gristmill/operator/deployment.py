@@ -6,6 +6,7 @@ from typing import Any
 
 from gristmill import labels
 from gristmill.spec import WorkerGroup
+from gristmill.spec.workergroup import DEFAULT_WORKER_IMAGE
 
 HEALTH_PORT = 8081
 
@@ -59,8 +60,8 @@ POD_WORKER_SECURITY = {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
                        "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | None = None
-                      ) -> dict[str, Any]:
+def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | None = None,
+                      default_image: str = DEFAULT_WORKER_IMAGE) -> dict[str, Any]:
     """The Deployment running `gristmill worker` for the group's tags.
 
     The database URL comes from a Secret (key `url`), never from the spec. A
@@ -69,6 +70,7 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
     """
     spec = group.spec
     name = group.metadata.name
+    image = spec.image or default_image  # default: the operator's own (--worker-image)
     pod_labels = selector_labels(name)
     pods = spec.executor == "pod"
     env = [{"name": "GRISTMILL_DATABASE_URL",
@@ -81,7 +83,7 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
             "--health-port", str(HEALTH_PORT)]
     if pods:
         args += ["--executor", "pod"]
-        env += [{"name": "GRISTMILL_JOB_IMAGE", "value": spec.image},
+        env += [{"name": "GRISTMILL_JOB_IMAGE", "value": image},
                 {"name": "GRISTMILL_WORKER_GROUP", "value": name},
                 {"name": "GRISTMILL_POD_NAME", **_field("metadata.name")},
                 {"name": "GRISTMILL_POD_UID", **_field("metadata.uid")},
@@ -91,7 +93,7 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
     env += [{"name": var.name, "value": var.value} for var in spec.env]
     container: dict[str, Any] = {
         "name": "worker",
-        "image": spec.image,
+        "image": image,
         "args": args,
         "env": env,
         "resources": spec.resources,
@@ -126,6 +128,8 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
             pod_spec[key] = getattr(spec, key)
     if spec.priorityClassName:
         pod_spec["priorityClassName"] = spec.priorityClassName
+    if spec.imagePullSecrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.imagePullSecrets]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -38,12 +38,14 @@ from gristmill.operator.ownership import (
 )
 from gristmill.operator.retrying import retried_when_transient
 from gristmill.spec import WorkerGroup
+from gristmill.spec.workergroup import DEFAULT_WORKER_IMAGE
 from gristmill.store import connections
 from gristmill.store.migrate import migrate_url
 
 log = logging.getLogger("gristmill.operator")
 GROUP, VERSION = "gristmill.io", "v1alpha1"
 DATABASE_SECRET = os.environ.get("GRISTMILL_DATABASE_SECRET", "gristmill-database")
+WORKER_IMAGE = os.environ.get("GRISTMILL_WORKER_IMAGE") or DEFAULT_WORKER_IMAGE
 RECHECK_S = float(os.environ.get("GRISTMILL_RECHECK_INTERVAL", "10"))
 AUTOSCALE_S = float(os.environ.get("GRISTMILL_AUTOSCALE_INTERVAL", "5"))
 METRICS_PORT = int(os.environ.get("GRISTMILL_METRICS_PORT", "0"))  # 0: no /metrics server
@@ -227,7 +229,8 @@ async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
     for owned in job_runner_objects(group):  # first: the workers run as its account
         kopf.adopt(owned, owner=body)
         await asyncio.to_thread(_apply, owned)
-    deployment = worker_deployment(group, DATABASE_SECRET, replicas=start)
+    deployment = worker_deployment(group, DATABASE_SECRET, replicas=start,
+                                   default_image=WORKER_IMAGE)
     kopf.adopt(deployment, owner=body)
     await asyncio.to_thread(_apply, deployment, autoscaled)
     patch.status.update({

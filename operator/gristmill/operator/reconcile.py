@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from gristmill.flows.apply import apply_flow, flow_problems
 from gristmill.spec import Flow, Script
 from gristmill.spec.manifests import pydantic_errors
+from gristmill.spec.status import MAX_MESSAGE_LENGTH
 from gristmill.store import flows as flow_store
 from gristmill.store import scripts as script_store
 
@@ -36,14 +37,24 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def condition_message(message: str) -> str:
+    """`message`, cut to what a condition holds: the API server refuses a longer one, and
+    the status would then never be written."""
+    if len(message) <= MAX_MESSAGE_LENGTH:
+        return message
+    tail = f"... ({len(message):,} characters)"
+    return message[:MAX_MESSAGE_LENGTH - len(tail)] + tail
+
+
 def ready_condition(ready: bool, reason: str, message: str, generation: int | None,
                     previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A `Ready` condition; lastTransitionTime moves only when the status flips."""
     status = "True" if ready else "False"
     before = next((c for c in previous or [] if c.get("type") == "Ready"), None)
     since = before["lastTransitionTime"] if before and before.get("status") == status else now()
-    return {"type": "Ready", "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": since, "observedGeneration": generation}
+    return {"type": "Ready", "status": status, "reason": reason,
+            "message": condition_message(message), "lastTransitionTime": since,
+            "observedGeneration": generation}
 
 
 def manifest(body: dict[str, Any]) -> dict[str, Any]:

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from gristmill.spec.base import KubernetesModel
 from gristmill.spec.quantities import Duration
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class ScalingPolicy(_Strict):
+class ScalingPolicy(KubernetesModel):
     type: Literal["Pods", "Percent"] = Field(description="Pods: a number of pods; Percent: a "
                                                          "percentage of the current replicas.")
     value: int = Field(ge=1, description="How many pods, or what percentage, per period.")
     period: Duration = Field("15s", description="The window the change is counted over.")
 
 
-class ScalingRules(_Strict):
+class ScalingRules(KubernetesModel):
     stabilizationWindow: Duration = Field(
         description="Recommendations of this long are considered: scale-up takes their "
                     "lowest, scale-down their highest, so short spikes and dips are ignored.")
@@ -41,19 +38,19 @@ def _scale_down() -> ScalingRules:
         ScalingPolicy(type="Percent", value=100, period="15s")])
 
 
-class Behavior(_Strict):
+class Behavior(KubernetesModel):
     scaleUp: ScalingRules = Field(default_factory=_scale_up,
                                   description="Default: no window, +100% or +4 pods per 15s.")
     scaleDown: ScalingRules = Field(default_factory=_scale_down,
                                     description="Default: 300s window, -100% per 15s.")
 
 
-class ScaleToZero(_Strict):
+class ScaleToZero(KubernetesModel):
     enabled: bool = Field(False, description="Go to zero workers when the tags are idle.")
     idleTimeout: Duration = Field("5m", description="No queued or running job for this long.")
 
 
-class Autoscaling(_Strict):
+class Autoscaling(KubernetesModel):
     enabled: bool = Field(True, description="false: spec.replicas (or an HPA/KEDA through "
                                             "the scale subresource) decides.")
     minReplicas: int = Field(1, ge=0, le=10000, description="Fewest workers while busy.")

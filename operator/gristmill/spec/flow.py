@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from gristmill.spec.base import KubernetesModel
 from gristmill.spec.expressions import (
     MAX_EXPRESSION_LENGTH,
     ExpressionError,
@@ -29,6 +30,7 @@ from gristmill.spec.script import (
     check_storable,
     content_hash,
 )
+from gristmill.spec.status import FlowStatus
 
 STEP_ID_PATTERN = r"^[a-z_][a-z0-9_]*$"
 ACTIONS = ("script", "inline", "branchOne", "branchAll", "forEach", "flow")
@@ -40,11 +42,7 @@ _NESTED = (("branchOne", "branches"), ("branchOne", "default"), ("branchAll", "b
 Expression = Annotated[str, Field(max_length=MAX_EXPRESSION_LENGTH)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class RetryPolicy(_Strict):
+class RetryPolicy(KubernetesModel):
     attempts: int = Field(2, ge=1, le=100, description="Attempts in all, the first included.")
     backoff: Literal["constant", "exponential"] = Field(
         "exponential", description="constant: always `delay`; exponential: delay doubles.")
@@ -52,38 +50,38 @@ class RetryPolicy(_Strict):
     maxDelay: Duration = Field("5m", description="Upper bound of the delay.")
 
 
-class Suspend(_Strict):
+class Suspend(KubernetesModel):
     timeout: Duration = Field("24h", description="Reject the step when nobody answers by then.")
     message: str | None = Field(None, description="Shown to whoever is asked to approve.")
 
 
-class Branch(_Strict):
+class Branch(KubernetesModel):
     when: Expression = Field(description="CEL condition; the first branch whose condition "
                                          "holds runs.")
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,
                               description="Steps of the branch.")
 
 
-class BranchOne(_Strict):
+class BranchOne(KubernetesModel):
     branches: list[Branch] = Field(min_length=1, max_length=MAX_STEPS,
                                    description="Branches, tried in order.")
     default: list[Step] = Field(default_factory=list, max_length=MAX_STEPS,
                                 description="Steps run when no branch condition holds.")
 
 
-class ParallelBranch(_Strict):
+class ParallelBranch(KubernetesModel):
     name: str | None = Field(None, description="A label for people.")
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,
                               description="Steps of the branch.")
 
 
-class BranchAll(_Strict):
+class BranchAll(KubernetesModel):
     parallel: bool = Field(True, description="Run the branches at once (true) or in order.")
     branches: list[ParallelBranch] = Field(min_length=1, max_length=MAX_STEPS,
                                            description="Branches that all run.")
 
 
-class Step(_Strict):
+class Step(KubernetesModel):
     id: str = Field(pattern=STEP_ID_PATTERN, max_length=63,
                     description="Unique in the flow; expressions read results.<id>.")
     description: str | None = Field(None, description="What the step is for.")
@@ -165,7 +163,7 @@ class Step(_Strict):
                 yield f"branchOne.branches[{i}].when", branch.when
 
 
-class FlowSpec(_Strict):
+class FlowSpec(KubernetesModel):
     description: str | None = Field(None, description="What the flow does.")
     input: dict[str, Any] = Field(default_factory=lambda: {"type": "object"},
                                   description="JSON Schema of the flow's input.")
@@ -306,9 +304,9 @@ def _check_expression(where: str, expression: str, depths: dict[str, int], known
     return problems
 
 
-class Flow(_Strict):
+class Flow(KubernetesModel):
     apiVersion: Literal["gristmill.io/v1alpha1"] = "gristmill.io/v1alpha1"
     kind: Literal["Flow"] = "Flow"
     metadata: ObjectMeta
     spec: FlowSpec
-    status: dict[str, Any] | None = Field(None, exclude=True)
+    status: FlowStatus | None = Field(None, exclude=True)

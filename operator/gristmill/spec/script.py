@@ -12,11 +12,13 @@ from typing import Any, Literal
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 
 from gristmill.spec import python_inputs
+from gristmill.spec.base import KubernetesModel
 from gristmill.spec.meta import ObjectMeta
 from gristmill.spec.quantities import CpuQuantity, Duration, MemoryQuantity
+from gristmill.spec.status import ScriptStatus
 from gristmill.values import ValueProblem, check_json
 
 MAX_CODE_LENGTH = 1 << 20  # characters (1 MiB of ASCII): larger programs belong in an image
@@ -31,10 +33,6 @@ _REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?\s
                           r"((===?|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+\s*,?\s*)*$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
 def content_hash(model: BaseModel) -> str:
     """sha256 of the canonical JSON of a spec, defaults included: the version id."""
     canonical = json.dumps(model.model_dump(mode="json", by_alias=True), sort_keys=True,
@@ -42,13 +40,13 @@ def content_hash(model: BaseModel) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-class RetryBackoff(_Strict):
+class RetryBackoff(KubernetesModel):
     initialDelay: Duration = Field("1s", description="Delay before the first retry.")
     maxDelay: Duration = Field("5m", description="Upper bound; delays double up to it, "
                                                  "with jitter.")
 
 
-class Resources(_Strict):
+class Resources(KubernetesModel):
     memory: MemoryQuantity = Field("512Mi", description="Memory limit of one run.")
     cpu: CpuQuantity = Field("1", description="CPU cores; in the process sandbox, CPU time "
                                               "is capped at timeout x cores.")
@@ -62,16 +60,16 @@ class Resources(_Strict):
                                                       "directory per 8 KiB of it.")
 
 
-class Sandbox(_Strict):
+class Sandbox(KubernetesModel):
     network: bool = Field(False, description="Let the run reach the network.")
 
 
-class EnvVar(_Strict):
+class EnvVar(KubernetesModel):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Variable name.")
     value: str = Field("", description="Its value.")
 
 
-class ScriptSpec(_Strict):
+class ScriptSpec(KubernetesModel):
     language: Literal["python", "bash"] = Field(description="The language of `code`.")
     code: str = Field(min_length=1, max_length=MAX_CODE_LENGTH,
                       description="The program, at most 1 MiB (1,048,576 characters). Python: "
@@ -229,9 +227,9 @@ def _check_bash(code: str) -> None:
         raise ValueError(f"code: bash syntax error: {message.replace('bash: ', '')}")
 
 
-class Script(_Strict):
+class Script(KubernetesModel):
     apiVersion: Literal["gristmill.io/v1alpha1"] = "gristmill.io/v1alpha1"
     kind: Literal["Script"] = "Script"
     metadata: ObjectMeta
     spec: ScriptSpec
-    status: dict[str, Any] | None = Field(None, exclude=True)
+    status: ScriptStatus | None = Field(None, exclude=True)

@@ -4,23 +4,51 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
+from gristmill import __version__
 from gristmill.spec.autoscaling import Autoscaling
+from gristmill.spec.base import KubernetesModel
 from gristmill.spec.meta import ObjectMeta
 from gristmill.spec.script import EnvVar
+from gristmill.spec.status import WorkerGroupStatus
+
+# What a WorkerGroup without spec.image runs when the operator is not told otherwise
+# (`gristmill operator --worker-image`; the chart passes the image it installs).
+DEFAULT_WORKER_IMAGE = f"ghcr.io/gristmill/worker:{__version__}"
+# Its Deployment, ServiceAccount and RoleBinding are gristmill-workers-<name>: 18 + 45 = 63,
+# the most a Kubernetes name may have. Longer names were cut, so two groups shared one.
+MAX_NAME_LENGTH = 45
+NAME_TOO_LONG = (f"at most {MAX_NAME_LENGTH} characters for a WorkerGroup (its Deployment "
+                 f"gristmill-workers-<name> must fit in 63)")
 
 
-class WorkerGroupSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class LocalObjectReference(KubernetesModel):
+    name: str = Field(min_length=1, max_length=253, description="The Secret's name.")
 
+
+class WorkerGroupMeta(ObjectMeta):
+    @field_validator("name")
+    @classmethod
+    def _fits_its_deployment(cls, name: str) -> str:
+        if len(name) > MAX_NAME_LENGTH:
+            raise ValueError(NAME_TOO_LONG)
+        return name
+
+
+class WorkerGroupSpec(KubernetesModel):
     tags: list[str] = Field(min_length=1, description="Job tags this group serves (a Script's "
                                                       "tag, by default its language).")
     executor: Literal["process", "pod"] = Field(
         "process", description="process: jobs run sandboxed inside the worker pod (needs user "
                                "namespaces); pod: each job runs as a pod of its own.")
-    image: str = Field("ghcr.io/gristmill/worker:0.1.0", min_length=1,
-                       description="The worker image.")
+    image: str | None = Field(None, min_length=1,
+                              description="The worker image (pod executor: the job pods' "
+                                          "too). Default: the image the operator was "
+                                          "installed with (its --worker-image).")
+    imagePullSecrets: list[LocalObjectReference] = Field(
+        default_factory=list, description="Secrets in the group's namespace to pull the "
+                                          "image with.")
     concurrency: int = Field(4, ge=1, le=1000, description="Jobs one worker runs at once.")
     replicas: int = Field(1, ge=0, le=10000, description="Workers, when not autoscaled.")
     autoscaling: Autoscaling | None = Field(None, description="Size the group to the queued "
@@ -40,11 +68,9 @@ class WorkerGroupSpec(BaseModel):
                                         "it hands the rest back to the queue.")
 
 
-class WorkerGroup(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
+class WorkerGroup(KubernetesModel):
     apiVersion: Literal["gristmill.io/v1alpha1"] = "gristmill.io/v1alpha1"
     kind: Literal["WorkerGroup"] = "WorkerGroup"
-    metadata: ObjectMeta
+    metadata: WorkerGroupMeta
     spec: WorkerGroupSpec
-    status: dict[str, Any] | None = Field(None, exclude=True)
+    status: WorkerGroupStatus | None = Field(None, exclude=True)

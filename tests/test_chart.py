@@ -64,7 +64,13 @@ def test_pods_meet_pss_restricted_and_the_operator_runs_alone():
     assert operator["replicas"] == 1 and operator["strategy"] == {"type": "Recreate"}
     container = operator["template"]["spec"]["containers"][0]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"][
+        "periodSeconds"] >= 300  # migrations on a slow database are not a crash loop
     assert container["image"] == "ghcr.io/gristmill/worker:0.1.0"
+    # A chart upgrade that changes nothing else restarts no pod.
+    for name, workload in workloads.items():
+        assert "helm.sh/chart" in workload["metadata"]["labels"], name
+        assert "helm.sh/chart" not in workload["spec"]["template"]["metadata"]["labels"], name
 
 
 def test_the_bundled_database_gets_a_generated_password():
@@ -192,3 +198,29 @@ def test_the_api_is_ready_with_its_database_and_alive_without_it():
     container = api["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_several_api_replicas_get_a_disruption_budget():
+    assert "gristmill-api" not in by_kind(render(), "PodDisruptionBudget")
+    budget = by_kind(render({"api": {"replicas": 3}}), "PodDisruptionBudget")["gristmill-api"]
+    assert budget["spec"]["maxUnavailable"] == 1
+
+
+def test_the_chart_works_as_a_subchart(tmp_path):
+    """Helm gives every subchart the parent's `global` values: the schema must take them."""
+    import shutil
+
+    parent = tmp_path / "platform"
+    (parent / "charts").mkdir(parents=True)
+    shutil.copytree(CHART, parent / "charts" / "gristmill", symlinks=False)
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: platform\nversion: 1.0.0\n"
+        "dependencies:\n  - {name: gristmill, version: 0.1.0}\n")
+    (parent / "values.yaml").write_text("global: {imageRegistry: registry.example.com}\n"
+                                        "gristmill: {retention: 14d}\n")
+    rendered = helm.Chart.load(parent).render(None, name="gm", namespace=NAMESPACE,
+                                              is_install=True)
+    objects = [doc for path, text in rendered.items() if path.endswith(".yaml")
+               for doc in yaml.safe_load_all(text) if doc]
+    api = by_kind(objects, "Deployment")["gristmill-api"]
+    assert "--retention=14d" in api["spec"]["template"]["spec"]["containers"][0]["args"]

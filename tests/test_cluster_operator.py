@@ -125,6 +125,9 @@ def test_a_worker_group_runs_jobs_and_goes_with_its_deployment(operator, crds):
         crds, "deployment", "gristmill-workers-runners", "-n", TEAM))
     (owner,) = deployment["metadata"]["ownerReferences"]
     assert owner["kind"] == "WorkerGroup" and owner["blockOwnerDeletion"] is True
+    budget = wait_for("its disruption budget", lambda: get(
+        crds, "pdb", "gristmill-workers-runners", "-n", TEAM))
+    assert budget["metadata"]["ownerReferences"][0]["uid"] == owner["uid"]
     wait_for("a running worker pod", lambda: get(
         crds, "deployment", "gristmill-workers-runners", "-n", TEAM)["status"].get(
         "readyReplicas") == 1, timeout=90)
@@ -134,8 +137,9 @@ def test_a_worker_group_runs_jobs_and_goes_with_its_deployment(operator, crds):
     assert job["worker_id"].startswith("gristmill-workers-runners-")  # a pod's hostname
 
     kubectl(crds, "delete", "workergroup", "runners", "-n", TEAM, "--wait=true")
-    wait_for("the Deployment collected with its group", lambda: get(
-        crds, "deployment", "gristmill-workers-runners", "-n", TEAM) is None)
+    wait_for("the Deployment and budget collected with their group", lambda: get(
+        crds, "deployment", "gristmill-workers-runners", "-n", TEAM) is None and get(
+        crds, "pdb", "gristmill-workers-runners", "-n", TEAM) is None)
     wait_for("its pods gone", lambda: not get(
         crds, "pods", "-n", TEAM, "-l", "gristmill.io/worker-group=runners")["items"])
 

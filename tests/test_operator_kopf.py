@@ -314,7 +314,7 @@ async def test_the_operator_command_serves_probes_and_stops_on_sigterm(database_
                 except aiohttp.ClientError:
                     return None
             # kopf's liveness endpoint, with the operator's own database probe in it.
-            assert (await wait_for(probes, timeout=30))["database"] is True
+            assert (await wait_for(probes, timeout=30))["database"] == {"reachable": True}
             await asyncio.sleep(2)  # kopf's first listing: see running_operator()
 
             await session.post(f"{GROUP}/scripts", json=manifest(

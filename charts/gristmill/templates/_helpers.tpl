@@ -3,11 +3,17 @@
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
+{{/* Labels of every object; pod templates get podLabels, without the chart's version, so
+     that a chart upgrade that changes nothing else restarts no pod. */}}
 {{- define "gristmill.labels" -}}
+{{ include "gristmill.podLabels" . }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end }}
+
+{{- define "gristmill.podLabels" -}}
 app.kubernetes.io/part-of: gristmill
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
-helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{- end }}
 
 {{/* The Secret (key `url`) holding the database URL: the operator hands its name to

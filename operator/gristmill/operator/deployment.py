@@ -147,3 +147,18 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
             "template": {"metadata": template_metadata, "spec": pod_spec},
         },
     }
+
+
+def worker_disruption_budget(group: WorkerGroup) -> dict[str, Any]:
+    """A PodDisruptionBudget for the group's workers: a node drain takes at most a quarter of
+    them at a time (at least one), so a group keeps serving while its nodes are replaced;
+    each evicted worker drains its jobs on SIGTERM."""
+    name = group.metadata.name
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": deployment_name(name), "namespace": group.metadata.namespace,
+                     "labels": {**selector_labels(name), labels.PART_OF: "gristmill",
+                                labels.MANAGED_BY: "gristmill-operator"}},
+        "spec": {"maxUnavailable": "25%", "selector": {"matchLabels": selector_labels(name)}},
+    }

@@ -27,7 +27,12 @@ from pydantic import ValidationError
 from gristmill.housekeeping import DEFAULT_RETENTION, run_housekeeping
 from gristmill.operator import reconcile
 from gristmill.operator.autoscaler import Autoscaler
-from gristmill.operator.deployment import deployment_name, selector, worker_deployment
+from gristmill.operator.deployment import (
+    deployment_name,
+    selector,
+    worker_deployment,
+    worker_disruption_budget,
+)
 from gristmill.operator.diffbase import SpecDigestDiffBaseStorage
 from gristmill.operator.groups import GroupLoop
 from gristmill.operator.job_runner import job_runner_objects
@@ -103,10 +108,15 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.probe(id="database")
-async def database_reachable(memo: kopf.Memo, **_: Any) -> bool:
-    async with memo.pool.connection(timeout=5) as conn:
-        await conn.execute("SELECT 1")
-    return True
+async def database_reachable(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    """The database's state, shown on /healthz. Never a failed probe: a database outage is
+    not a reason to restart the operator, which retries (a raise would fail liveness)."""
+    try:
+        async with memo.pool.connection(timeout=5) as conn:
+            await conn.execute("SELECT 1")
+    except connections.TRANSIENT_ERRORS as exc:
+        return {"reachable": False, "error": str(exc).strip()[:300]}
+    return {"reachable": True}
 
 
 async def _reconcile(reconciler, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
@@ -167,6 +177,7 @@ def _calls_for(kind: str):
         "ServiceAccount": (client.CoreV1Api, "service_account"),
         "RoleBinding": (client.RbacAuthorizationV1Api, "role_binding"),
         "NetworkPolicy": (client.NetworkingV1Api, "network_policy"),
+        "PodDisruptionBudget": (client.PolicyV1Api, "pod_disruption_budget"),
     }[kind]
     instance = api()
     return (getattr(instance, f"{verb}_namespaced_{suffix}")
@@ -233,6 +244,9 @@ async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
                                    default_image=WORKER_IMAGE)
     kopf.adopt(deployment, owner=body)
     await asyncio.to_thread(_apply, deployment, autoscaled)
+    budget = worker_disruption_budget(group)
+    kopf.adopt(budget, owner=body)
+    await asyncio.to_thread(_apply, budget)
     patch.status.update({
         "selector": selector(name),
         "deployment": deployment_name(name),

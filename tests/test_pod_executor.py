@@ -4,6 +4,8 @@ run by the emulator's kubelet as local processes; the pods checked against PSS r
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import subprocess
 import sys
@@ -19,54 +21,71 @@ from test_worker import submit, wait_status
 from gristmill.operator.deployment import worker_deployment
 from gristmill.operator.job_runner import job_runner_objects
 from gristmill.sandbox.base import JobOutcome, JobRequest, Limits
-from gristmill.sandbox.pod import job_pod
-from gristmill.sandbox.pod_job import MARKER_ENV, PayloadTooLarge, parse_outcome_line, request_env
+from gristmill.sandbox.pod import explain_end, job_pod, job_secret
+from gristmill.sandbox.pod_job import PAYLOAD_KEY, PayloadTooLarge, job_payload, parse_outcome_line
+from gristmill.sandbox.token_bucket import TokenBucket
 from gristmill.spec import WorkerGroup
 from gristmill.store import logs, queue
 
 NAMESPACE = "team-a"
+
+
 def run_pod_command(request: JobRequest, workdir) -> list[str]:
-    """The job pod's command, run here as the kubelet would run it: its stdout lines."""
-    done = subprocess.run([sys.executable, "-m", "gristmill.sandbox.pod_job"], cwd=workdir,
-                          env={"PATH": os.environ["PATH"], **request_env(request),
-                               MARKER_ENV: "#m# "},
-                          capture_output=True, text=True, timeout=30)
+    """The job pod's command, run here as the kubelet would run it on the job's Secret
+    (mounted as a file): its stdout lines."""
+    secret = workdir / "secret"
+    secret.mkdir()
+    (secret / PAYLOAD_KEY).write_bytes(job_payload(request, "#m# "))
+    work = workdir / "work"
+    work.mkdir()
+    done = subprocess.run([sys.executable, "-m", "gristmill.sandbox.pod_job",
+                           str(secret / PAYLOAD_KEY)], cwd=work,
+                          env={key: os.environ[key] for key in ("PATH", "PYTHONPATH")
+                               if key in os.environ}, capture_output=True, text=True,
+                          timeout=30)
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
 
 def test_the_pod_command_takes_large_inputs_and_ends_with_its_job(tmp_path):
-    # 300 KB of input (more than one environment string may hold), and a process the
-    # job leaves running, which must not keep the pod (and the worker's slot) busy.
+    # 300 KB of input, and a process the job leaves running, which must not keep the pod
+    # (and the worker's slot) busy.
     code = ("import subprocess, sys\n\ndef main(blob: str):\n"
             "    subprocess.Popen(['sleep', '60'])\n"
             "    sys.stderr.write('no newline at the end')\n"
             "    return len(blob)\n")
     request = JobRequest(job_id="j-big", language="python", code=code,
                          input={"blob": "x" * 300_000})
-    assert len([name for name in request_env(request) if name[-1].isdigit()]) >= 3
     *_, last = run_pod_command(request, tmp_path)
     assert parse_outcome_line("#m# ", last) == JobOutcome(ok=True, result=300_000)
 
 
-def test_a_job_too_large_for_a_pod_is_refused_with_what_to_do():
-    request = JobRequest(job_id="j-huge", language="python", code="def main(b): pass",
-                         input={"b": "x" * 2_000_000})
-    with pytest.raises(PayloadTooLarge, match="pass large data by reference"):
-        request_env(request)
+def test_what_fits_a_jobs_secret_compressed_is_taken_and_the_rest_refused_with_what_to_do():
+    # 2 MB of input that compresses well fits the 1 MiB a Secret may hold...
+    roomy = JobRequest(job_id="j-roomy", language="python", code="def main(b): pass",
+                       input={"b": "x" * 2_000_000})
+    assert len(job_payload(roomy, "#m# ")) < 64 * 1024
+    # ... and 1.6 MB of noise does not.
+    noise = base64.b64encode(os.urandom(1_200_000)).decode()
+    huge = JobRequest(job_id="j-huge", language="python", code="def main(b): pass",
+                      input={"b": noise})
+    with pytest.raises(PayloadTooLarge, match=r"KiB compressed, and a job pod's Secret holds "
+                                              r"at most 1024 KiB: pass large data by reference"):
+        job_payload(huge, "#m# ")
 
 
-def a_job_pod(network: bool = False) -> dict:
+def a_job_pod(network: bool = False, blob: str = "") -> dict:
     request = JobRequest(job_id="0b7c6f0e-5d1c-4a51-a0f8-2d8f0b9e6c11", language="python",
-                         code="def main():\n    return 1\n", input={}, network=network,
+                         code="def main(blob=''):\n    return 1\n", input={"blob": blob},
+                         network=network,
                          limits=Limits(timeout_s=30, memory_bytes=256 * 2**20, cpu_cores=0.5))
-    return job_pod(request, "ghcr.io/gristmill/worker:0.1.0", "#m# ", 300, "worker-abc",
+    return job_pod(request, "ghcr.io/gristmill/worker:0.1.0", 300, "worker-abc", "u-1",
                    group="jobs", owner={"name": "worker-abc", "uid": "u-1"})
 
 
 @pytest.mark.parametrize("version", ["1.29.0", latest_version()])
 def test_job_pods_are_valid_and_meet_pss_restricted(version):
-    pod = a_job_pod()
+    pod = a_job_pod(blob="secret input " * 40_000)
     k8s_validate(pod, version, strict=True)
     spec = pod["spec"]
     assert restricted_violations(spec) == []
@@ -75,10 +94,64 @@ def test_job_pods_are_valid_and_meet_pss_restricted(version):
     assert container["resources"]["limits"] == {"cpu": "500m", "memory": str(256 * 2**20)}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["metadata"]["labels"]["gristmill.io/network"] == "none"
+    assert pod["metadata"]["labels"]["gristmill.io/worker-uid"] == "u-1"
     assert a_job_pod(network=True)["metadata"]["labels"]["gristmill.io/network"] == "allowed"
     (owner,) = pod["metadata"]["ownerReferences"]
     assert owner == {"apiVersion": "v1", "kind": "Pod", "name": "worker-abc", "uid": "u-1",
                      "blockOwnerDeletion": False}
+    # Neither code nor input in the pod object: what every pod watcher receives stays small.
+    assert "secret input" not in json.dumps(pod) and "def main" not in json.dumps(pod)
+    assert len(json.dumps(pod)) < 3000
+    assert "env" not in container
+    # They come from the job's Secret, mounted read-only for the job's group alone.
+    (volume,) = [v for v in spec["volumes"] if "secret" in v]
+    assert volume["secret"] == {"secretName": pod["metadata"]["name"], "defaultMode": 0o440}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True and container["command"][-1].startswith(
+        mount["mountPath"] + "/")
+
+    secret = job_secret(pod, "pod-uid-1", job_payload(JobRequest(
+        job_id="j", language="python", code="def main(): pass", input={}), "#m# "))
+    k8s_validate(secret, version, strict=True)
+    assert secret["metadata"]["name"] == pod["metadata"]["name"]
+    assert secret["immutable"] is True and secret["type"] == "Opaque"
+    assert secret["metadata"]["ownerReferences"] == [{
+        "apiVersion": "v1", "kind": "Pod", "name": pod["metadata"]["name"], "uid": "pod-uid-1",
+        "blockOwnerDeletion": False}]
+    assert secret["metadata"]["labels"]["gristmill.io/worker-uid"] == "u-1"
+
+
+def test_what_the_kubelet_reports_becomes_a_failure_a_person_can_act_on():
+    def ended(reason=None, code=None, **status):
+        state = {"terminated": {"reason": reason, "exitCode": code}} if code is not None \
+            else {"running": {}}
+        return {"containerStatuses": [{"state": state}], **status}
+    assert explain_end(ended("OOMKilled", 137)).error["kind"] == "memory"
+    assert explain_end(ended("Error", 137)).error["kind"] == "killed"
+    assert explain_end(ended("Error", 3)).error == {
+        "kind": "exit", "message": "the job pod exited with code 3 (Error) before reporting "
+                                   "an outcome"}
+    assert explain_end({"reason": "DeadlineExceeded"}).error["kind"] == "timeout"
+    evicted = explain_end({"reason": "Evicted", "message": "Pod ephemeral local storage usage "
+                                                          "exceeds the total limit"})
+    assert evicted.error["kind"] == "killed" and "ephemeral local storage" in \
+        evicted.error["message"]
+    assert "deleted before it ended" in explain_end(ended(), gone=True).error["message"]
+
+
+def test_the_token_bucket_lets_a_burst_through_then_serves_in_order_at_its_rate():
+    now = [0.0]
+    bucket = TokenBucket(rate=5, burst=10, clock=lambda: now[0])
+    assert [bucket.reserve(2) for _ in range(5)] == [0.0] * 5  # the burst: 10 tokens
+    assert [bucket.reserve(2) for _ in range(3)] == pytest.approx([0.4, 0.8, 1.2])
+    bucket.reserve(1)  # a deletion: it takes a token and pushes the next ones back
+    assert bucket.reserve(2) == pytest.approx(1.8)
+    now[0] = 10.0  # idle for long: never more than the burst saved up
+    assert bucket.reserve(10) == 0.0 and bucket.reserve(1) == pytest.approx(0.2)
+    bucket.give_back(1)  # a job cancelled while it waited
+    assert bucket.reserve(1) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="a rate above 0"):
+        TokenBucket(rate=0, burst=1)
 
 
 @pytest.mark.parametrize("version", ["1.29.0", latest_version()])

@@ -89,10 +89,17 @@ class _History:
         self.changed = asyncio.Condition()
 
     async def record(self, event: dict) -> None:
-        version = next(_versions)
+        """Keep an event under its object's resourceVersion (kopf waits for the version its
+        patch answered), or a new one where that would not be newer than the last event
+        (a deletion, a deletionTimestamp set): a watch resumes after the version it saw."""
         obj = event.get("object") or {}
-        obj = {**obj, "metadata": {**(obj.get("metadata") or {}),
-                                   "resourceVersion": str(version)}}
+        stamped = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        if stamped.isdigit() and int(stamped) > self.latest():
+            version = int(stamped)
+        else:
+            version = next(_versions)
+            obj = {**obj, "metadata": {**(obj.get("metadata") or {}),
+                                       "resourceVersion": str(version)}}
         async with self.changed:
             self.events.append((version, {**event, "object": obj}))
             if len(self.events) > HISTORY:
@@ -123,18 +130,31 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.histories: defaultdict[object, _History] = defaultdict(_History)
         self._buses = _Buses(self.histories)
+        self._writes = asyncio.Lock()
         # Requests this predicate picks are refused with 503, as in an API server outage.
         self.refuse: Callable[[object], bool] | None = None
 
     async def _handle(self, request):  # kmock==0.8's private hook, pinned in pyproject
         if self.refuse is not None and self.refuse(request):
             return await self._render_error(Unavailable())
-        if request.resource is not None and isinstance(request.data, dict | list):
-            self._stamp(request)
-        try:
+        if request.action not in (enums.action.CREATE, enums.action.UPDATE,
+                                  enums.action.DELETE):
             return await super()._handle(request)
-        except jsonpatch.JsonPatchTestFailed:
-            return await self._render_error(PatchTestFailed())
+        # One write at a time: its events go into the history in the order of their versions.
+        async with self._writes:
+            if request.resource is not None and isinstance(request.data, dict | list):
+                self._stamp(request)
+            elif request.action == enums.action.DELETE and request.name is not None:
+                # A deletion is a write too: a finalizer's deletionTimestamp, or the DELETED
+                # event, comes with a version of its own (kopf tests it in its next patch).
+                key = (request.resource, request.namespace, request.name)
+                if key in self._objects and not self._objects[key].deleted:
+                    self._objects[key].patch({"metadata": {
+                        "resourceVersion": str(next(_versions))}})
+            try:
+                return await super()._handle(request)
+            except jsonpatch.JsonPatchTestFailed:
+                return await self._render_error(PatchTestFailed())
 
     # ---- what tests do to watches ---------------------------------------------------
 

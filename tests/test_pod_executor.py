@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import textwrap
+import uuid
 
+import kmock
 import pytest
 from flowkit import apply_yaml, script
 from k8s_emulator import emulated_cluster
@@ -21,8 +26,20 @@ from test_worker import submit, wait_status
 from gristmill.operator.deployment import worker_deployment
 from gristmill.operator.job_runner import job_runner_objects
 from gristmill.sandbox.base import JobOutcome, JobRequest, Limits
-from gristmill.sandbox.pod import explain_end, job_pod, job_secret
-from gristmill.sandbox.pod_job import PAYLOAD_KEY, PayloadTooLarge, job_payload, parse_outcome_line
+from gristmill.sandbox.pod import (
+    PodExecutor,
+    explain_end,
+    job_pod,
+    job_secret,
+    load_kubernetes_config,
+)
+from gristmill.sandbox.pod_job import (
+    PAYLOAD_KEY,
+    PayloadTooLarge,
+    job_payload,
+    parse_outcome_line,
+    read_payload,
+)
 from gristmill.sandbox.token_bucket import TokenBucket
 from gristmill.spec import WorkerGroup
 from gristmill.store import logs, queue
@@ -269,6 +286,10 @@ async def test_jobs_run_as_pods_with_results_logs_and_limits(db, database_url, t
             # Cancelling a running job deletes its pod.
             nap = await submit(db, "slow", {})
             await wait_status(db, nap, ("running",))
+
+            async def napping():  # its pod runs (not merely its job)
+                return "started" in "".join(line for _, line in await logs.read(db, nap))
+            await until(napping, "the job's pod prints", timeout=30)
             async with db.transaction():
                 await queue.cancel(db, [nap], "no longer needed")
             assert (await wait_status(db, nap, ("cancelled",)))["status"] == "cancelled"
@@ -288,6 +309,10 @@ async def test_jobs_run_as_pods_with_results_logs_and_limits(db, database_url, t
                 assert pod["metadata"]["labels"]["gristmill.io/worker-group"] == "jobs"
                 assert pod["metadata"]["ownerReferences"][0]["uid"] == "uid-worker-0"
                 assert pod["spec"]["containers"][0]["image"] == "registry.local/worker:test"
+            # All of them followed through one watch, and no pod was read on its own.
+            asked = executor_requests(cluster)
+            assert asked.count("watch pods") == asked.count("list pods") == 1, asked
+            assert "fetch pods (one)" not in asked
         finally:
             worker.terminate()
             assert await asyncio.to_thread(worker.wait, 30) == 0
@@ -315,3 +340,223 @@ async def test_a_broken_log_stream_loses_no_result(db, database_url, tmp_path):
         finally:
             worker.terminate()
             assert await asyncio.to_thread(worker.wait, 30) == 0
+
+
+# ---- the executor in this process, against the emulator and its kubelet -----------------
+
+WORKER_UID = "uid-worker-0"
+
+
+@contextlib.asynccontextmanager
+async def pod_executor(tmp_path, **options):
+    """A PodExecutor as a worker pod has it, on the emulator; job pods run by its kubelet."""
+    async with emulated_cluster("postgresql://unused", tmp_path,
+                                kubelet_namespace=NAMESPACE) as cluster:
+        load_kubernetes_config()  # the emulator's kubeconfig, from KUBECONFIG
+        executor = PodExecutor(NAMESPACE, "registry.local/worker:test", worker="worker-0",
+                               group="jobs", owner={"name": "worker-0", "uid": WORKER_UID},
+                               **options)
+        try:
+            yield cluster, executor
+        finally:
+            executor.close()
+
+
+def python_job(code: str, timeout_s: float = 60, **input) -> JobRequest:
+    return JobRequest(job_id=str(uuid.uuid4()), language="python",
+                      code=textwrap.dedent(code), input=input,
+                      limits=Limits(timeout_s=timeout_s))
+
+
+async def run_job(executor: PodExecutor, request: JobRequest,
+                  cancel: asyncio.Event | None = None) -> tuple[JobOutcome, str]:
+    output: list[str] = []
+    outcome = await executor.run(request, output.append, cancel or asyncio.Event())
+    return outcome, "".join(output)
+
+
+def executor_requests(cluster) -> list[str]:
+    """What the executor asked of the API server (the kubelet's requests are aiohttp's)."""
+    asked = []
+    for request in cluster.emulator:
+        if not request.headers.get("User-Agent", "").startswith("OpenAPI"):
+            continue
+        parts = request.url.path.split("/")
+        what = parts[5] + ("/" + parts[7] if len(parts) > 7 else "")
+        action = request.action.value.lower() if request.action else request.method.value
+        asked.append(f"{action} {what}" + (" (one)" if action == "fetch" else ""))
+    return asked
+
+
+async def until(predicate, what: str, timeout: float = 20.0):
+    for _ in range(int(timeout / 0.05)):
+        if value := await predicate():
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def job_pods(cluster) -> list[dict]:
+    async with cluster.session.get(f"api/v1/namespaces/{NAMESPACE}/pods") as response:
+        return (await response.json())["items"]
+
+
+@pytest.mark.timeout(60)
+async def test_one_watch_serves_every_job_and_no_pod_is_polled(tmp_path):
+    async with pod_executor(tmp_path) as (cluster, executor):
+        cluster.kubelet.start_delay_s = 1.0  # pending a while, as real pods are
+        jobs = [python_job("""
+            def main(n: int):
+                print("job", n, flush=True)
+                return n * n
+        """, n=n) for n in range(4)]
+        done = await asyncio.gather(*(run_job(executor, job) for job in jobs))
+        assert [outcome.result for outcome, _ in done] == [0, 1, 4, 9]
+        assert [output for _, output in done] == [f"job {n}\n" for n in range(4)]
+
+        asked = collections.Counter(executor_requests(cluster))
+        # Per job: its pod, its Secret, one log stream, the pod's deletion; for all of them
+        # one list and one watch, and not a single read of a pod, however long it pends.
+        assert asked == {"create pods": 4, "create secrets": 4, "fetch pods/log (one)": 4,
+                         "delete pods": 4, "list pods": 1, "watch pods": 1}, asked
+        (watch,) = [r for r in cluster.emulator if r.action == kmock.action.WATCH
+                    and r.headers.get("User-Agent", "").startswith("OpenAPI")]
+        assert watch.params["labelSelector"] == f"gristmill.io/worker-uid={WORKER_UID}"
+        assert watch.params["allowWatchBookmarks"] == "true" and "resourceVersion" in watch.params
+
+        # Every Secret is its pod's (so that it goes with it) and holds the job, not the pod.
+        for pod in cluster.kubelet.started:
+            name = pod["metadata"]["name"]
+            async with cluster.session.get(
+                    f"api/v1/namespaces/{NAMESPACE}/secrets/{name}") as response:
+                secret = await response.json()
+            (owner,) = secret["metadata"]["ownerReferences"]
+            assert (owner["kind"], owner["name"], owner["uid"]) == ("Pod", name,
+                                                                    pod["metadata"]["uid"])
+            request, _ = read_payload(base64.b64decode(secret["data"][PAYLOAD_KEY]))
+            assert request.job_id == pod["metadata"]["labels"]["gristmill.io/job-id"]
+        assert await job_pods(cluster) == []
+
+
+@pytest.mark.timeout(90)
+async def test_a_broken_watch_and_an_api_server_away_lose_no_pods_end(tmp_path):
+    async with pod_executor(tmp_path) as (cluster, executor):
+        emulator, kubelet = cluster.emulator, cluster.kubelet
+        kubelet.cut_log_streams = True  # the log cannot tell: only the watch sees the end
+        job = asyncio.create_task(run_job(executor, python_job("""
+            import time
+
+            def main():
+                print("first", flush=True)
+                time.sleep(1.5)
+                print("second", flush=True)
+                return "done"
+        """)))
+        await until(lambda: asyncio.sleep(0, kubelet.processes), "the job pod runs")
+        # The API server goes away under the worker: the watch breaks and cannot come back...
+        emulator.refuse = lambda request: request.headers.get(
+            "User-Agent", "").startswith("OpenAPI")
+        await emulator.break_watches()
+
+        async def ended():
+            pods = await job_pods(cluster)
+            return pods and pods[0].get("status", {}).get("phase") == "Succeeded"
+        await until(ended, "the job pod ends")
+        # ... the pod ends meanwhile, and by the time it is back the history is compacted,
+        # so the watch's resourceVersion is Gone (410) and it must list again.
+        emulator.compact()
+        await until(lambda: asyncio.sleep(0, executor.watch.trouble), "the watch sees trouble")
+        emulator.refuse = None
+        outcome, output = await job
+        assert outcome == JobOutcome(ok=True, result="done"), outcome
+        assert "first" in output
+        assert executor.watch.lists == 2 and executor.watch.trouble is None
+        assert await job_pods(cluster) == []
+
+
+@pytest.mark.timeout(60)
+async def test_pending_pods_fail_with_the_kubelets_reason_stop_on_cancel_and_time_out(tmp_path):
+    async with pod_executor(tmp_path, start_timeout_s=1.0) as (cluster, executor):
+        kubelet = cluster.kubelet
+        quick = python_job("def main():\n    return 1\n")
+        kubelet.image_errors["registry.local/worker:test"] = (
+            "ErrImageNeverPull", 'Container image "registry.local/worker:test" is not present')
+        outcome, _ = await run_job(executor, quick)
+        assert outcome.error["kind"] == "setup"
+        assert outcome.error["message"].startswith(
+            "the job pod cannot start: ErrImageNeverPull: Container image")
+        kubelet.image_errors.clear()
+
+        kubelet.start_delay_s = 30
+        outcome, _ = await run_job(executor, quick)
+        assert outcome.error == {"kind": "setup", "message": AnyStr(
+            "the job pod did not start within 1s (still pending); see `kubectl describe pod")}
+
+        executor.start_timeout_s = 30
+        cancel = asyncio.Event()
+        job = asyncio.create_task(run_job(executor, quick, cancel))
+        await until(lambda: job_pods(cluster), "the job pod exists")
+        cancel.set()
+        outcome, _ = await job
+        assert outcome.error == {"kind": "cancelled",
+                                 "message": "cancelled before the job pod started"}
+        assert await job_pods(cluster) == []  # deleted with its job
+
+        # A job too large for its Secret never reaches the API server.
+        before = len(executor_requests(cluster))
+        noise = base64.b64encode(os.urandom(1_200_000)).decode()
+        outcome, _ = await run_job(executor, python_job("def main(b):\n    pass\n", b=noise))
+        assert outcome.error["kind"] == "setup" and "pass large data by reference" in \
+            outcome.error["message"]
+        assert len(executor_requests(cluster)) == before
+
+
+@pytest.mark.timeout(60)
+async def test_a_pod_deleted_from_outside_ends_its_job_at_once(tmp_path):
+    async with pod_executor(tmp_path) as (cluster, executor):
+        job = asyncio.create_task(run_job(executor, python_job("""
+            import time
+
+            def main():
+                print("napping", flush=True)
+                time.sleep(600)
+        """, timeout_s=600)))
+        (pod,) = await until(lambda: job_pods(cluster), "the job pod exists")
+        await until(lambda: asyncio.sleep(0, cluster.kubelet.processes), "the job pod runs")
+        async with cluster.session.delete(
+                f"api/v1/namespaces/{NAMESPACE}/pods/{pod['metadata']['name']}"):
+            pass
+        outcome, _ = await job
+        assert outcome.error["kind"] == "killed"
+        assert "deleted before it ended" in outcome.error["message"]
+
+
+@pytest.mark.timeout(60)
+async def test_writes_wait_their_turn_in_the_token_bucket_and_jobs_do_not_fail(tmp_path):
+    async with pod_executor(tmp_path, write_rate=1.0, write_burst=2) as (cluster, executor):
+        jobs = [python_job("def main(n: int):\n    return n\n", n=n) for n in range(4)]
+        first = asyncio.create_task(run_job(executor, jobs[0]))
+        await until(lambda: job_pods(cluster), "the first job pod exists")
+        # The first job took the whole burst (its pod and its Secret): the next one waits
+        # its turn, and a job cancelled meanwhile creates nothing.
+        cancel = asyncio.Event()
+        second = asyncio.create_task(run_job(executor, jobs[1], cancel))
+        await until(lambda: asyncio.sleep(0, executor.writes.waits), "the second job waits")
+        cancel.set()
+        assert (await second)[0].error == {
+            "kind": "cancelled", "message": "cancelled while waiting its turn to create the "
+                                            "job pod"}
+        rest = await asyncio.gather(first, *(run_job(executor, job) for job in jobs[2:]))
+        assert [outcome.result for outcome, _ in rest] == [0, 2, 3]
+        assert executor.writes.waits >= 3
+        asked = collections.Counter(executor_requests(cluster))
+        assert asked["create pods"] == asked["create secrets"] == asked["delete pods"] == 3
+
+
+class AnyStr(str):
+    """Equal to any string that starts with it."""
+
+    def __eq__(self, other):
+        return isinstance(other, str) and other.startswith(self)
+
+    __hash__ = str.__hash__

@@ -207,7 +207,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     pods = None
     if args.executor == "pod":
         from gristmill.sandbox.pod import PodExecutor
-        pods = PodExecutor.from_environment(args.job_image)
+        pods = PodExecutor.from_environment(args.job_image, write_rate=args.pod_write_rate,
+                                            write_burst=args.pod_write_burst)
     else:
         process.check_sandbox_available()
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
@@ -254,6 +255,22 @@ def _retention(text: str) -> dt.timedelta:
         raise argparse.ArgumentTypeError(f"{text} is less than a day; history is kept in day "
                                          f"partitions, so keep it for 1d or more")
     return retention
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0, e.g. 5 or 0.5")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def _retention_arg(p: argparse.ArgumentParser) -> None:
@@ -435,6 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="process: a sandboxed process here; pod: a Kubernetes pod per job")
     p.add_argument("--job-image", help="pod executor: the job pods' image "
                                        "(env GRISTMILL_JOB_IMAGE)")
+    p.add_argument("--pod-write-rate", type=_positive_float, metavar="PER_SECOND",
+                   default=os.environ.get("GRISTMILL_POD_WRITE_RATE", "5"),
+                   help="pod executor: API writes (job pods and Secrets created, pods deleted) "
+                        "a second after a burst; jobs wait their turn (env "
+                        "GRISTMILL_POD_WRITE_RATE, %(default)s)")
+    p.add_argument("--pod-write-burst", type=_positive_int, metavar="WRITES",
+                   default=os.environ.get("GRISTMILL_POD_WRITE_BURST", "10"),
+                   help="pod executor: API writes at once before the rate applies; a job "
+                        "takes 2 to start (env GRISTMILL_POD_WRITE_BURST, %(default)s)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("api", help="serve the HTTP API")

@@ -257,13 +257,12 @@ class PodExecutor:
         body = job_pod(request, self.image, self.start_timeout_s, self.worker, self.worker_uid,
                        self.group, self.owner)
         name = body["metadata"]["name"]
+        # The pod's and its Secret's turns at once: a created pod must not wait for its
+        # Secret behind other jobs.
+        if not await self.writes.take(2, cancel):
+            return failure("cancelled", "cancelled while waiting its turn to create the job pod")
         state = self.watch.track(name)
         try:
-            # The pod's and its Secret's turns at once: a created pod must not wait for its
-            # Secret behind other jobs.
-            if not await self.writes.take(2, cancel):
-                return failure("cancelled", "cancelled while waiting its turn to create the "
-                                            "job pod")
             created = await self._create("the job pod", self.core.create_namespaced_pod, body,
                                          state)
             if isinstance(created, JobOutcome):

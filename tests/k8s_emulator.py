@@ -232,7 +232,7 @@ class Emulator(kmock.KubernetesEmulator):
             if history.generation != generation or (ends is not None and loop.time() >= ends):
                 return
             position += len(events)
-            for version, event in events:
+            for _, event in events:
                 obj = event.get("object") or {}
                 meta = obj.get("metadata") or {}
                 if request.namespace is not None and meta.get("namespace") != request.namespace:

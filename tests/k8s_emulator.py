@@ -24,6 +24,7 @@ import datetime as dt
 import itertools
 import os
 import re
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -133,6 +134,7 @@ class Emulator(kmock.KubernetesEmulator):
         self._writes = asyncio.Lock()
         # Requests this predicate picks are refused with 503, as in an API server outage.
         self.refuse: Callable[[object], bool] | None = None
+        self.writes: list[tuple[float, str]] = []  # (monotonic time, User-Agent) of each
 
     async def _handle(self, request):  # kmock==0.8's private hook, pinned in pyproject
         if self.refuse is not None and self.refuse(request):
@@ -140,6 +142,7 @@ class Emulator(kmock.KubernetesEmulator):
         if request.action not in (enums.action.CREATE, enums.action.UPDATE,
                                   enums.action.DELETE):
             return await super()._handle(request)
+        self.writes.append((time.monotonic(), request.headers.get("User-Agent", "")))
         # One write at a time: its events go into the history in the order of their versions.
         async with self._writes:
             if request.resource is not None and isinstance(request.data, dict | list):

@@ -43,8 +43,9 @@ from k8s_kubelet import ProcessKubelet  # noqa: E402
 
 from gristmill.sandbox.base import JobRequest  # noqa: E402
 from gristmill.sandbox.plain import PlainExecutor  # noqa: E402
-from gristmill.sandbox.pod import PodExecutor, job_pod  # noqa: E402
+from gristmill.sandbox.pod import PodExecutor  # noqa: E402
 from gristmill.sandbox.pod_job import PAYLOAD_KEY, job_payload  # noqa: E402
+from gristmill.sandbox.pod_objects import job_pod  # noqa: E402
 from gristmill.sandbox.process import ProcessExecutor  # noqa: E402
 
 CODE = "def main():\n    return 1\n"

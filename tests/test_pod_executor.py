@@ -26,13 +26,7 @@ from test_worker import submit, wait_status
 from gristmill.operator.deployment import worker_deployment
 from gristmill.operator.job_runner import job_runner_objects
 from gristmill.sandbox.base import JobOutcome, JobRequest, Limits
-from gristmill.sandbox.pod import (
-    PodExecutor,
-    explain_end,
-    job_pod,
-    job_secret,
-    load_kubernetes_config,
-)
+from gristmill.sandbox.pod import PodExecutor, load_kubernetes_config
 from gristmill.sandbox.pod_job import (
     PAYLOAD_KEY,
     PayloadTooLarge,
@@ -40,6 +34,8 @@ from gristmill.sandbox.pod_job import (
     parse_outcome_line,
     read_payload,
 )
+from gristmill.sandbox.pod_objects import job_pod, job_secret
+from gristmill.sandbox.pod_status import explain_end
 from gristmill.sandbox.token_bucket import TokenBucket
 from gristmill.spec import WorkerGroup
 from gristmill.store import logs, queue

@@ -17,19 +17,19 @@ What a job costs the API server: creating its pod and Secret, one log
 stream, deleting the pod; nothing while the pod is pending or running, as all
 of a worker's jobs learn their pods' states from one label-selected watch
 (pod_watch.py). A worker's writes go through a token bucket
-(token_bucket.py), so a burst of jobs waits its turn on this side.
+(token_bucket.py), so a burst of jobs waits its turn on this side. The objects
+themselves are in pod_objects.py, the reading of their status in
+pod_status.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import codecs
 import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import secrets
 import threading
@@ -46,18 +46,13 @@ from urllib3.exceptions import HTTPError
 
 from gristmill import labels
 from gristmill.sandbox.base import JobOutcome, JobRequest, SandboxUnavailable, failure
-from gristmill.sandbox.pod_job import (
-    PAYLOAD_DIR,
-    PAYLOAD_KEY,
-    PayloadTooLarge,
-    job_payload,
-    parse_outcome_line,
-)
+from gristmill.sandbox.pod_job import PayloadTooLarge, job_payload, parse_outcome_line
+from gristmill.sandbox.pod_objects import job_pod, job_secret
+from gristmill.sandbox.pod_status import HOPELESS, ended, explain_end, pending_reason, started
 from gristmill.sandbox.pod_watch import PodState, PodWatch
 from gristmill.sandbox.token_bucket import TokenBucket
 
 log = logging.getLogger("gristmill.sandbox.pod")
-JOB_UID = 65532  # the distroless "nonroot" uid: any image works, root-owned or not
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 READ_RETRIES = 5  # about 15 s of API server trouble before a job is failed
 CREATE_ATTEMPTS = 6  # the same for a create refused with 429 or 5xx
@@ -65,94 +60,7 @@ REQUEST_TIMEOUT = (5, 30)  # connect, read: seconds
 LANDED_S = 30.0  # for the watch to show a pod whose create's answer was lost
 DRAIN_S = 5.0  # a log stream's time to end once the watch saw its container end
 WRITE_RATE, WRITE_BURST = 5.0, 10  # client-go's defaults (QPS 5, burst 10)
-# Waiting reasons that no amount of waiting fixes.
-HOPELESS = {"InvalidImageName", "CreateContainerConfigError", "CreateContainerError",
-            "ErrImageNeverPull"}
 
-
-def job_pod(request: JobRequest, image: str, start_timeout_s: float, worker: str,
-            worker_uid: str, group: str | None = None, owner: dict[str, Any] | None = None
-            ) -> dict[str, Any]:
-    """The pod of one job (a pure function, validated by the tests against PSS restricted).
-    Its Secret, of the same name, is made by `job_secret` once the pod exists."""
-    limits = request.limits
-    resources = {"cpu": f"{max(1, math.ceil(limits.cpu_cores * 1000))}m",
-                 "memory": str(limits.memory_bytes)}
-    # Unique per attempt: a retry must not wait for the last attempt's pod to go.
-    name = f"gristmill-job-{request.job_id[:8]}-{secrets.token_hex(4)}"
-    metadata: dict[str, Any] = {
-        "name": name,
-        "labels": {labels.NAME: "gristmill-job", labels.PART_OF: "gristmill",
-                   labels.JOB_ID: request.job_id, labels.WORKER: worker[:63],
-                   labels.WORKER_UID: worker_uid,
-                   labels.NETWORK: "allowed" if request.network else "none"},
-    }
-    if group:
-        metadata["labels"][labels.WORKER_GROUP] = group
-    if owner:
-        metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", **owner,
-                                        "blockOwnerDeletion": False}]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata,
-        "spec": {
-            "restartPolicy": "Never",
-            # A backstop only: the worker deletes the pod when the job's timeout passes.
-            "activeDeadlineSeconds": math.ceil(limits.timeout_s + start_timeout_s),
-            "automountServiceAccountToken": False,
-            "enableServiceLinks": False,
-            "terminationGracePeriodSeconds": 5,
-            "securityContext": {
-                "runAsNonRoot": True, "runAsUser": JOB_UID, "runAsGroup": JOB_UID,
-                "fsGroup": JOB_UID, "seccompProfile": {"type": "RuntimeDefault"},
-            },
-            "containers": [{
-                "name": "job",
-                "image": image,
-                "command": ["python", "-m", "gristmill.sandbox.pod_job",
-                            f"{PAYLOAD_DIR}/{PAYLOAD_KEY}"],
-                "workingDir": "/work",
-                "resources": {"requests": resources, "limits": resources},
-                "securityContext": {
-                    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                    "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
-                "volumeMounts": [{"name": "work", "mountPath": "/work"},
-                                 {"name": "tmp", "mountPath": "/tmp"},
-                                 {"name": "job", "mountPath": PAYLOAD_DIR, "readOnly": True}],
-            }],
-            "volumes": [
-                # spec.resources.disk, for each (the kubelet evicts a pod past it).
-                {"name": "work", "emptyDir": {"sizeLimit": str(limits.disk_bytes)}},
-                {"name": "tmp", "emptyDir": {"sizeLimit": str(limits.disk_bytes)}},
-                # Readable by the job's group (fsGroup) only. The kubelet retries the mount
-                # until the Secret exists: it is created right after the pod.
-                {"name": "job", "secret": {"secretName": name, "defaultMode": 0o440}},
-            ],
-        },
-    }
-
-
-def job_secret(pod: dict[str, Any], pod_uid: str, payload: bytes) -> dict[str, Any]:
-    """The Secret that carries a job to its pod; owned by the pod, so that it goes with it
-    (garbage collection), and immutable, so that the kubelet need not watch it."""
-    meta = pod["metadata"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "immutable": True,
-        "metadata": {
-            "name": meta["name"],
-            "labels": {key: meta["labels"][key] for key in (
-                labels.NAME, labels.PART_OF, labels.JOB_ID, labels.WORKER_UID)},
-            "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
-                                 "uid": pod_uid, "blockOwnerDeletion": False}],
-        },
-        "data": {PAYLOAD_KEY: base64.b64encode(payload).decode()},
-    }
 
 def load_kubernetes_config() -> None:
     try:
@@ -314,9 +222,9 @@ class PodExecutor:
 
     async def _follow(self, name: str, state: PodState, request: JobRequest, marker: str,
                       on_output: Callable[[str], None], cancel: asyncio.Event) -> JobOutcome:
-        started = await self._wait_started(name, state, cancel)
-        if isinstance(started, JobOutcome):
-            return started
+        pending = await self._wait_started(name, state, cancel)
+        if isinstance(pending, JobOutcome):
+            return pending
         timeout_s = request.limits.timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
         lines = _LogLines(marker, on_output, request.limits.max_output_bytes)
@@ -349,12 +257,12 @@ class PodExecutor:
         while True:
             state.changed.clear()  # before looking: a change from now on wakes the wait
             status = state.status
-            if _started(status):
+            if started(status):
                 return None
             if state.gone:
                 return failure("killed", f"the job pod {name} was deleted before it started "
                                          f"(from outside, or with its worker pod)")
-            why = _pending_reason(status) or why
+            why = pending_reason(status) or why
             if why.split(":")[0] in HOPELESS:
                 return failure("setup", f"the job pod cannot start: {why}")
             remaining = deadline - loop.time()
@@ -481,26 +389,6 @@ class PodExecutor:
                         name, exc)
 
 
-def explain_end(status: dict[str, Any], gone: bool = False) -> JobOutcome:
-    """Why a job pod ended without an outcome line, from what the kubelet reported."""
-    if status.get("reason") == "DeadlineExceeded":
-        return failure("timeout", "the job pod passed its activeDeadlineSeconds")
-    if status.get("reason") == "Evicted":
-        return failure("killed", f"the job pod was evicted: {status.get('message') or ''}"
-                                 f" (past resources.disk, or the node ran short)".strip())
-    terminated = _terminated(status) or {}
-    reason, code = terminated.get("reason"), terminated.get("exitCode")
-    if reason == "OOMKilled":
-        return failure("memory", "out of memory (OOMKilled): raise spec.resources.memory")
-    if code is not None and code > 128:
-        return failure("killed", f"the job pod was killed (exit code {code}, {reason})")
-    if gone and not terminated:
-        return failure("killed", "the job pod was deleted before it ended (from outside, or "
-                                 "with its worker pod)")
-    return failure("exit", f"the job pod exited with code {code} ({reason}) before "
-                           f"reporting an outcome")
-
-
 async def _until_changed(state: PodState, cancel: asyncio.Event | None, timeout: float) -> bool:
     """Wait until the watch changes the pod's state (or the timeout); True if cancelled.
     The caller cleared `state.changed` before it last looked."""
@@ -528,39 +416,8 @@ def _close_quietly(response: Any) -> None:
         response.close()
 
 
-def _pending_reason(status: dict[str, Any]) -> str | None:
-    for container in status.get("containerStatuses") or []:
-        waiting = (container.get("state") or {}).get("waiting")
-        if waiting and waiting.get("reason") not in (None, "ContainerCreating"):
-            return f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-            return f"{condition.get('reason')}: {condition.get('message', '')}".rstrip(": ")
-    return None
-
-
-def _started(status: dict[str, Any]) -> bool:
-    """Whether the container runs or ran: its log can be read."""
-    if status.get("phase") in ("Running", "Succeeded", "Failed"):
-        return True
-    return any({"running", "terminated"} & set(container.get("state") or {})
-               for container in status.get("containerStatuses") or [])
-
-
 def _ended(state: PodState) -> bool:
-    return state.gone or status_ended(state.status)
-
-
-def status_ended(status: dict[str, Any]) -> bool:
-    return _terminated(status) is not None or status.get("phase") in ("Succeeded", "Failed")
-
-
-def _terminated(status: dict[str, Any]) -> dict[str, Any] | None:
-    for container in status.get("containerStatuses") or []:
-        terminated = (container.get("state") or {}).get("terminated")
-        if terminated:
-            return terminated
-    return None
+    return state.gone or ended(state.status)
 
 
 def _retry_after(exc: BaseException) -> float | None:

@@ -448,7 +448,11 @@ async def test_a_broken_watch_and_an_api_server_away_lose_no_pods_end(tmp_path):
                 print("second", flush=True)
                 return "done"
         """)))
-        await until(lambda: asyncio.sleep(0, kubelet.processes), "the job pod runs")
+
+        async def watched_running():
+            return any(state.status.get("phase") == "Running"
+                       for state in executor.watch.states.values())
+        await until(watched_running, "the watch sees the job pod run")
         # The API server goes away under the worker: the watch breaks and cannot come back...
         emulator.refuse = lambda request: request.headers.get(
             "User-Agent", "").startswith("OpenAPI")
@@ -525,6 +529,24 @@ async def test_a_pod_deleted_from_outside_ends_its_job_at_once(tmp_path):
         outcome, _ = await job
         assert outcome.error["kind"] == "killed"
         assert "deleted before it ended" in outcome.error["message"]
+
+
+@pytest.mark.timeout(60)
+async def test_a_restarted_worker_deletes_the_job_pods_its_last_run_left(tmp_path):
+    async with pod_executor(tmp_path) as (cluster, executor):
+        # A job pod of this worker pod's last container (it crashed): still running.
+        async with cluster.session.post(f"api/v1/namespaces/{NAMESPACE}/pods", json={
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "left-behind", "labels": {
+                    "app.kubernetes.io/name": "gristmill-job",
+                    "gristmill.io/worker-uid": WORKER_UID}},
+                "spec": {"containers": [{"name": "job", "image": "local",
+                                         "command": ["sleep", "600"]}]}}):
+            pass
+        await until(lambda: asyncio.sleep(0, cluster.kubelet.processes), "it runs")
+        outcome, _ = await run_job(executor, python_job("def main():\n    return 1\n"))
+        assert outcome.ok
+        await until(lambda: asyncio.sleep(0, not cluster.kubelet.processes), "it is gone")
+        assert await job_pods(cluster) == []
 
 
 @pytest.mark.timeout(60)

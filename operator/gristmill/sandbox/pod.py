@@ -122,6 +122,8 @@ class PodExecutor:
         self.threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="pod-executor")
         self.writes = TokenBucket(write_rate, write_burst)
         self.watch = PodWatch(self.core, namespace, f"{labels.WORKER_UID}={self.worker_uid}")
+        self.watch.on_leftover = self._leftover
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     async def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """One blocking API call in the pool, never waiting forever on a dead connection."""
@@ -152,6 +154,14 @@ class PodExecutor:
         """Stop the pod watch (a worker never needs to: its threads are daemons)."""
         self.watch.stop()
         self.threads.shutdown(wait=False)
+
+    def _leftover(self, name: str) -> None:
+        """A job pod of an earlier run of this worker: its job has been (or will be) handed to
+        another worker by the reaper, so it goes, as a process executor's jobs go."""
+        log.info("deleting job pod %s, left behind by an earlier run of this worker", name)
+        task = asyncio.get_running_loop().create_task(self._delete(name, PodState()))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def run(self, request: JobRequest, on_output: Callable[[str], None],
                   cancel: asyncio.Event) -> JobOutcome:

@@ -57,6 +57,9 @@ class PodWatch:
         self.states: dict[str, PodState] = {}  # by pod name: the pods of running jobs
         self.trouble: str | None = None  # why the watch is not connected, while it is not
         self.lists = 0  # lists made (the first, then one after each 410): for tests
+        # Called with each pod of the first list that no job tracks: one an earlier run of
+        # this worker (a restarted container of the same pod) left behind.
+        self.on_leftover: Callable[[str], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -90,8 +93,11 @@ class PodWatch:
         state.gone = kind == "DELETED"
         state.changed.set()
 
-    def _replace(self, pods: list[dict[str, Any]], listed_at: float) -> None:
+    def _replace(self, pods: list[dict[str, Any]], listed_at: float, first: bool) -> None:
         by_name = {(pod.get("metadata") or {}).get("name"): pod for pod in pods}
+        if first and self.on_leftover is not None:
+            for name in by_name.keys() - self.states.keys():
+                self.on_leftover(name)
         for name, state in self.states.items():
             pod = by_name.get(name)
             if pod is not None:
@@ -125,7 +131,7 @@ class PodWatch:
                 if version is None:
                     listed_at = time.monotonic()
                     pods, version = self._list()
-                    self._post(self._replace, pods, listed_at)
+                    self._post(self._replace, pods, listed_at, self.lists == 1)
                     self._post(self._set_trouble, None)
                 for seen in self._watch(version):
                     version, events = seen, events + 1

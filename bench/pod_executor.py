@@ -1,6 +1,6 @@
 """What the pod executor costs on Gristmill's side.
 
-    python bench/pod_executor.py [--jobs 20] [--parallel 20] [--start-delay 3]
+    python bench/pod_executor.py [--jobs 20] [--parallel 20] [--start-delay 3] [--burst 60]
 
 1. API requests per job: a trivial Python job (def main(): return 1) run by the
    PodExecutor against kmock's emulator, whose pods tests/k8s_kubelet.py runs as
@@ -9,8 +9,9 @@
    count is the executor's design (creates, status reads or the shared watch,
    log follow, delete), all of its requests divided by the jobs; the
    emulator's latencies are not a real API server's and are not reported.
-2. The most API writes the executor made in any one second, --parallel jobs at
-   once (its token bucket's doing).
+2. A burst of --burst jobs, --parallel at once (a worker of that concurrency):
+   the most API writes the executor made in any one second, and its writes a
+   second over the burst (its token bucket's doing).
 3. The size of a job pod object with 100 KB of input: what every pod watcher in
    the cluster receives on each of the pod's status changes.
 4. The pod command's own cost: `python -m gristmill.sandbox.pod_job` run here
@@ -78,8 +79,9 @@ def _by_the_executor(user_agent: str) -> bool:
 
 
 async def api_requests_per_job(jobs: int, parallel: int, start_delay_s: float
-                               ) -> tuple[float, int]:
-    """The executor's requests per job, and the most writes it made in one second."""
+                               ) -> tuple[float, int, float]:
+    """The executor's requests per job, the most writes it made in one second, and its
+    writes a second over the run."""
     async with Emulator() as emulator, kmock.Server(emulator) as server:
         emulator.resources.load_bundled()
         url = str(server.url).rstrip("/")
@@ -97,7 +99,7 @@ async def api_requests_per_job(jobs: int, parallel: int, start_delay_s: float
                     if _by_the_executor(request.headers.get("User-Agent", "")))
         writes = [at for at, agent in emulator.writes if _by_the_executor(agent)]
         most = max(sum(1 for other in writes if at <= other < at + 1) for at in writes)
-        return asked / jobs, most
+        return asked / jobs, most, len(writes) / max(writes[-1] - writes[0], 1e-3)
 
 
 def pod_object_bytes(input_bytes: int) -> int:
@@ -128,14 +130,19 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--parallel", type=int, default=20)
+    parser.add_argument("--burst", type=int, default=60,
+                        help="jobs in the burst whose API writes are counted (%(default)s)")
     parser.add_argument("--start-delay", type=float, default=3.0,
                         help="seconds a job pod stays ContainerCreating (%(default)s)")
     args = parser.parse_args()
     for delay in (0.0, args.start_delay):
         for parallel in (1, args.parallel):
-            per_job, most = await api_requests_per_job(args.jobs, parallel, delay)
+            per_job, _, _ = await api_requests_per_job(args.jobs, parallel, delay)
             print(f"{f'API requests per job, pods start in {delay:g} s, {parallel} at once':<52}"
-                  f" {per_job:5.1f}   (most writes in one second: {most})")
+                  f" {per_job:5.1f}")
+    _, most, rate = await api_requests_per_job(args.burst, args.parallel, 0.0)
+    print(f"{f'a burst of {args.burst} jobs, {args.parallel} at once: API writes':<52} at most "
+          f"{most} in one second, {rate:.1f} a second over the burst")
     print(f"{'job pod object with 100 KB of input':<52} {pod_object_bytes(100_000):,} bytes")
     print(line("plain subprocess (the wrapper alone)",
                await run_jobs(PlainExecutor(), args.jobs, 1)))

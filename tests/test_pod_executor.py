@@ -152,17 +152,23 @@ def test_what_the_kubelet_reports_becomes_a_failure_a_person_can_act_on():
     assert "deleted before it ended" in explain_end(ended(), gone=True).error["message"]
 
 
-def test_the_token_bucket_lets_a_burst_through_then_serves_in_order_at_its_rate():
-    now = [0.0]
-    bucket = TokenBucket(rate=5, burst=10, clock=lambda: now[0])
-    assert [bucket.reserve(2) for _ in range(5)] == [0.0] * 5  # the burst: 10 tokens
-    assert [bucket.reserve(2) for _ in range(3)] == pytest.approx([0.4, 0.8, 1.2])
-    bucket.reserve(1)  # a deletion: it takes a token and pushes the next ones back
-    assert bucket.reserve(2) == pytest.approx(1.8)
-    now[0] = 10.0  # idle for long: never more than the burst saved up
-    assert bucket.reserve(10) == 0.0 and bucket.reserve(1) == pytest.approx(0.2)
-    bucket.give_back(1)  # a job cancelled while it waited
-    assert bucket.reserve(1) == pytest.approx(0.2)
+async def test_the_token_bucket_lets_a_burst_through_then_serves_turns_in_order():
+    bucket = TokenBucket(rate=20, burst=3)
+    granted = []
+
+    async def take(name, tokens, urgent=False):
+        assert await bucket.take(tokens, urgent=urgent)
+        granted.append(name)
+    cancel = asyncio.Event()
+    cancel.set()
+    # Started in one turn of the event loop, before any token comes back: the burst goes to
+    # the first, the rest wait in order, a deletion (urgent) first, and a take cancelled
+    # while it waits gives its turn up.
+    await asyncio.gather(take("pod a", 2), take("secret a", 1), take("pod b", 2),
+                         take("pod c", 2), take("delete a", 1, urgent=True),
+                         bucket.take(3, cancel), take("pod d", 5))
+    assert granted == ["pod a", "secret a", "delete a", "pod b", "pod c", "pod d"]
+    assert bucket.waits == 5  # all but the burst's two
     with pytest.raises(ValueError, match="a rate above 0"):
         TokenBucket(rate=0, burst=1)
 

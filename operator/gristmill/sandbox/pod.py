@@ -386,7 +386,7 @@ class PodExecutor:
         never lost to it (a pod left behind goes with its worker pod)."""
         if state.gone:
             return  # deleted from outside already
-        self.writes.reserve(1)  # deletions do not wait their turn: they free capacity
+        await self.writes.take(1, urgent=True)  # before any creation that waits
         try:
             await self._retrying(self.core.delete_namespaced_pod, name, self.namespace,
                                  grace_period_seconds=0)

@@ -1,19 +1,19 @@
 """A token bucket: the pod executor's client-side limit on its writes to the Kubernetes API.
 
 client-go gives every client one (5 requests a second, bursts of 10); the
-Python client has none. A worker takes tokens for every pod and Secret it
-creates, so a burst of jobs creates `burst` pods at once and then `rate` a
-second, and each job waits its turn instead of failing. Reservations are
-served in the order they are made (a job that asks first starts first).
-Deletions take their token without waiting: they free the cluster's capacity,
-there are never more of them than creations, and they only push later
-creations back.
+Python client has none. A worker takes a token for every pod and Secret it
+creates and every pod it deletes, so a burst of jobs makes `burst` writes at
+once and then `rate` a second, however many jobs wait; each job waits its turn
+instead of failing. Turns are first come, first served, except that urgent
+takes (deletions: they stop cancelled and timed-out jobs and free the
+cluster's capacity) go before every waiting creation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import heapq
+import itertools
 import time
 from collections.abc import Callable
 
@@ -27,6 +27,10 @@ class TokenBucket:
         self._clock = clock
         self._tokens = float(burst)
         self._at = clock()
+        # (0 urgent | 1 not, order of arrival, tokens, future): the turns waiting.
+        self._waiting: list[tuple[int, int, float, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
         self.waits = 0  # takes that had to wait: what a test or a metric reads
 
     def _refill(self) -> None:
@@ -34,30 +38,45 @@ class TokenBucket:
         self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
         self._at = now
 
-    def reserve(self, tokens: float = 1.0) -> float:
-        """Take `tokens`; the seconds until they may be used (0: now). The bucket may go
-        into debt, which later reservations wait out: that keeps them in order."""
+    async def take(self, tokens: float = 1.0, cancel: asyncio.Event | None = None,
+                   urgent: bool = False) -> bool:
+        """Wait for `tokens` (at most the burst); False if `cancel` is set first."""
+        tokens = min(float(tokens), float(self.burst))
         self._refill()
-        self._tokens -= tokens
-        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
-
-    def give_back(self, tokens: float = 1.0) -> None:
-        """Return unused tokens (a job cancelled while it waited)."""
-        self._refill()
-        self._tokens = min(float(self.burst), self._tokens + tokens)
-
-    async def take(self, tokens: float = 1.0, cancel: asyncio.Event | None = None) -> bool:
-        """Wait for `tokens`; False, with the tokens given back, if `cancel` is set first."""
-        delay = self.reserve(tokens)
-        if delay <= 0:
+        if not self._waiting and self._tokens >= tokens:
+            self._tokens -= tokens
             return True
         self.waits += 1
-        if cancel is None:
-            await asyncio.sleep(delay)
-            return True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(cancel.wait(), delay)
-        if cancel.is_set():
-            self.give_back(tokens)
-            return False
-        return True
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (0 if urgent else 1, next(self._arrivals), tokens, turn))
+        self._serve()
+        cancelled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
+        try:
+            await asyncio.wait([turn] if cancelled is None else [turn, cancelled],
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if cancelled is not None:
+                cancelled.cancel()
+            if not turn.done():  # cancelled (or this task was): the turn passes on
+                turn.cancel()
+                self._serve()
+        return not turn.cancelled()
+
+    def _serve(self) -> None:
+        """Grant the turns at the head while there are tokens; wake up when the next one is due."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._refill()
+        while self._waiting:
+            _, _, tokens, turn = self._waiting[0]
+            if turn.done():  # given up while it waited
+                heapq.heappop(self._waiting)
+                continue
+            if self._tokens < tokens:
+                delay = (tokens - self._tokens) / self.rate
+                self._timer = asyncio.get_running_loop().call_later(delay, self._serve)
+                return
+            heapq.heappop(self._waiting)
+            self._tokens -= tokens
+            turn.set_result(None)

@@ -204,6 +204,9 @@ def _lines(response: Any) -> Iterator[bytes]:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
+        if exc.status == 403:
+            return ("403 Forbidden: the worker's ServiceAccount needs list and watch on pods "
+                    "(the gristmill-job-runner ClusterRole of this Gristmill version)")
         return f"{exc.status} {exc.reason}".strip()
     return f"{type(exc).__name__}: {exc}"
 

@@ -143,7 +143,7 @@ def test_operator_rbac_is_valid_and_covers_what_the_handlers_touch(version):
     # What the pod executor calls, in the namespace it is bound in: its pods through one
     # watch, and each job's Secret created, never read (garbage collection deletes it).
     runner = granted_by("gristmill-job-runner")
-    assert runner == {("", "pods", verb) for verb in ("list", "watch", "create", "delete")
+    assert runner == {("", "pods", verb) for verb in ("get", "list", "watch", "create", "delete")
                       } | {("", "pods/log", "get"), ("", "secrets", "create")}
 
 

@@ -1,10 +1,13 @@
 """A kubelet for the emulator: it runs pods as local processes.
 
 The emulator stores Pods but nothing runs them. This runs each new pod's
-container command (with its env, working directory and emptyDir volumes as
-temporary directories; the image is this machine, `python` this interpreter),
-reports the phase and container state through the status subresource as a
-kubelet does, serves `pods/{name}/log` (follow included), enforces
+container command (with its env, working directory, emptyDir volumes as
+temporary directories and Secret volumes as directories of the Secret's keys;
+the image is this machine, `python` this interpreter, and a command argument
+under a mount path names the same file in its directory), reports the phase
+and container state through the status subresource as a kubelet does (Pending
+with ContainerCreating until the pod's Secrets exist and `start_delay_s` has
+passed), serves `pods/{name}/log` (follow included), enforces
 activeDeadlineSeconds, and kills the process when the pod is deleted. It is
 what lets the pod executor run for real here; isolation is not emulated.
 """
@@ -12,6 +15,7 @@ what lets the pod executor run for real here; isolation is not emulated.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import os
@@ -95,6 +99,10 @@ class ProcessKubelet:
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.started: list[dict] = []  # every pod it ran, as created
         self.cut_log_streams = False
+        self.start_delay_s = 0.0  # how long a pod stays ContainerCreating (a real start)
+        # Images that cannot run: the waiting reason and message their pods report.
+        self.image_errors: dict[str, tuple[str, str]] = {}
+        self.deleted: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         # Logs are text/plain, as the API server serves them (the client refuses octet-stream).
         emulator["get", POD_LOG] << kmock.headers({"Content-Type": "text/plain"}) \
@@ -137,6 +145,7 @@ class ProcessKubelet:
                     seen.add(name)
                     task = asyncio.create_task(self._run_pod(pod))
                     self._tasks.add(task)
+            self.deleted |= seen - present
             for name, process in list(self.processes.items()):
                 if name not in present:  # deleted: the container is killed
                     _kill(process)
@@ -153,20 +162,61 @@ class ProcessKubelet:
         return {"name": container["name"], "image": container["image"], "imageID": "",
                 "ready": "running" in state, "restartCount": 0, "state": state}
 
+    async def _secret(self, name: str) -> dict | None:
+        async with self.session.get(f"api/v1/namespaces/{self.namespace}/secrets/{name}") as r:
+            return await r.json() if r.status == 200 else None
+
+    async def _volumes(self, pod: dict, scratch: Path) -> dict[str, Path] | None:
+        """Each volume as a directory; None if the pod was deleted before its Secrets came.
+        A missing Secret is retried, as the kubelet retries a failed mount."""
+        name = pod["metadata"]["name"]
+        directories = {}
+        for volume in pod["spec"].get("volumes", []):
+            directory = directories[volume["name"]] = scratch / volume["name"]
+            directory.mkdir()
+            if "secret" not in volume:
+                continue
+            while (secret := await self._secret(volume["secret"]["secretName"])) is None:
+                if name in self.deleted:
+                    return None
+                await asyncio.sleep(0.05)
+            for key, value in (secret.get("data") or {}).items():
+                (directory / key).write_bytes(base64.b64decode(value))
+                (directory / key).chmod(volume["secret"].get("defaultMode", 0o644))
+        return directories
+
     async def _run_pod(self, pod: dict) -> None:
         name = pod["metadata"]["name"]
         spec = pod["spec"]
         (container,) = spec["containers"]
         scratch = Path(tempfile.mkdtemp(prefix=f"kubelet-{name}-"))
         try:
-            mounts = {}
-            for mount in container.get("volumeMounts", []):
-                mounts[mount["mountPath"]] = scratch / mount["name"]
-                mounts[mount["mountPath"]].mkdir(exist_ok=True)
+            await self._status(name, {"phase": "Pending", "containerStatuses": [self._state(
+                container, {"waiting": {"reason": "ContainerCreating"}})]})
+            if container["image"] in self.image_errors:
+                reason, message = self.image_errors[container["image"]]
+                await self._status(name, {"phase": "Pending", "containerStatuses": [
+                    self._state(container, {"waiting": {"reason": reason,
+                                                        "message": message}})]})
+                return
+            await asyncio.sleep(self.start_delay_s)
+            volumes = await self._volumes(pod, scratch)
+            if volumes is None or name in self.deleted:
+                return
+            mounts = {mount["mountPath"]: volumes[mount["name"]]
+                      for mount in container.get("volumeMounts", [])}
             workdir = mounts.get(container.get("workingDir"), scratch)
-            command = [*container.get("command", []), *container.get("args", [])]
-            command = [sys.executable if arg == "python" else arg for arg in command]
+
+            def in_container(arg: str) -> str:
+                for path in sorted(mounts, key=len, reverse=True):
+                    if arg == path or arg.startswith(path + "/"):
+                        return str(mounts[path]) + arg[len(path):]
+                return sys.executable if arg == "python" else arg
+            command = [in_container(arg) for arg in
+                       [*container.get("command", []), *container.get("args", [])]]
+            # The image is this machine: its Python path too (this checkout, not another).
             env = {"PATH": "/usr/local/bin:/usr/bin:/bin",
+                   **{key: os.environ[key] for key in ("PYTHONPATH",) if key in os.environ},
                    **{var["name"]: var.get("value", "") for var in container.get("env", [])}}
             self.started.append(pod)
             logs = self.containers[name] = _Container()

@@ -177,7 +177,9 @@ async def test_autoscaler_follows_the_queue_and_spares_busy_workers(db, database
             await session.post("api/v1/namespaces/team-a/pods", json={
                 "apiVersion": "v1", "kind": "Pod", "metadata": {
                     "name": pod, "namespace": "team-a",
-                    "labels": {"gristmill.io/worker-group": "auto"}}})
+                    # A worker pod's labels (the emulator selects by labels, as Kubernetes).
+                    "labels": {"gristmill.io/worker-group": "auto",
+                               "app.kubernetes.io/name": "gristmill-worker"}}})
             await workers.register(db, pod, ["python"], 2, hostname=pod)
         async with db.transaction():
             busy = await queue.claim(db, "auto-busy", ["python"], 1)

@@ -41,14 +41,18 @@ def test_the_installed_package_carries_its_migrations(installed, tmp_path):
 
 def test_a_job_pods_command_runs_from_the_installed_package(installed, tmp_path):
     from gristmill.sandbox.base import JobRequest
-    from gristmill.sandbox.pod_job import MARKER_ENV, request_env
+    from gristmill.sandbox.pod_job import PAYLOAD_KEY, job_payload
 
     request = JobRequest(job_id="j-1", language="python", input={"n": 4},
                          code="def main(n: int):\n    print('squaring', n)\n    return n * n\n")
-    # What job_pod() puts in the container: `python -m gristmill.sandbox.pod_job`, cwd /work.
-    done = subprocess.run([sys.executable, "-m", "gristmill.sandbox.pod_job"], cwd=tmp_path,
-                          env={**installed, **request_env(request),
-                               MARKER_ENV: "#m# "}, capture_output=True, text=True, timeout=60)
+    # What job_pod() puts in the container: `python -m gristmill.sandbox.pod_job` on the
+    # job's Secret, mounted as a file; cwd /work.
+    secret = tmp_path / PAYLOAD_KEY
+    secret.write_bytes(job_payload(request, "#m# "))
+    (tmp_path / "work").mkdir()
+    done = subprocess.run([sys.executable, "-m", "gristmill.sandbox.pod_job", str(secret)],
+                          cwd=tmp_path / "work", env=installed, capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0, done.stderr
     *output, last = done.stdout.splitlines()
     assert output == ["squaring 4"]

@@ -209,7 +209,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise UsageError("--tags needs at least one tag, e.g. --tags python,bash")
     if args.executor == "pod":
         from gristmill.sandbox.pod import PodExecutor
-        executor = PodExecutor.from_environment(args.job_image)
+        executor = PodExecutor.from_environment(args.job_image, write_rate=args.pod_write_rate,
+                                                write_burst=args.pod_write_burst)
     else:
         # Before the database: a worker whose sandbox cannot run a job must not wait to
         # serve, and says why at once (the executor starts a whole job to find out).
@@ -256,6 +257,22 @@ def _retention(text: str) -> dt.timedelta:
         raise argparse.ArgumentTypeError(f"{text} is less than a day; history is kept in day "
                                          f"partitions, so keep it for 1d or more")
     return retention
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0, e.g. 5 or 0.5")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def _retention_arg(p: argparse.ArgumentParser) -> None:
@@ -444,6 +461,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the job's own (needs /dev/net/tun); pod: the worker pod's own "
                         "network namespace, shared (a pod's only, never the node's; what "
                         "the operator passes)")
+    p.add_argument("--pod-write-rate", type=_positive_float, metavar="PER_SECOND",
+                   default=os.environ.get("GRISTMILL_POD_WRITE_RATE", "5"),
+                   help="pod executor: API writes (job pods and Secrets created, pods deleted) "
+                        "a second after a burst; jobs wait their turn (env "
+                        "GRISTMILL_POD_WRITE_RATE, %(default)s)")
+    p.add_argument("--pod-write-burst", type=_positive_int, metavar="WRITES",
+                   default=os.environ.get("GRISTMILL_POD_WRITE_BURST", "10"),
+                   help="pod executor: API writes at once before the rate applies; a job "
+                        "takes 2 to start (env GRISTMILL_POD_WRITE_BURST, %(default)s)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("api", help="serve the HTTP API")

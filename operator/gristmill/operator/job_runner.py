@@ -1,11 +1,12 @@
 """What a pod-executor WorkerGroup's workers need besides their Deployment (pure functions).
 
 A ServiceAccount for the workers (unless the group names its own), a RoleBinding
-to the `gristmill-job-runner` ClusterRole the chart ships (create, watch and
-delete pods, read their logs: in the group's namespace only), and a
-NetworkPolicy that cuts every job pod whose Script did not ask for the network
-off from it. The operator binds that one ClusterRole by name (RBAC `bind` on
-it), so it never holds the pod permissions it hands out.
+to the `gristmill-job-runner` ClusterRole the chart ships (create, get, list,
+watch and delete pods, read their logs, create the Secrets that carry jobs to
+their pods: in the group's namespace only), and a NetworkPolicy that cuts every
+job pod whose Script did not ask for the network off from it. The operator
+binds that one ClusterRole by name (RBAC `bind` on it), so it never holds the
+pod permissions it hands out.
 """
 
 from __future__ import annotations

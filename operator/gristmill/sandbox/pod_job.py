@@ -1,12 +1,17 @@
-"""Inside a job pod: run the one job the worker described in $GRISTMILL_JOB_*.
+"""Inside a job pod: run the one job the worker described in the job's Secret.
 
-The pod's working directory (an emptyDir) is the job's work dir. The job's own
-output goes to the container's stdout and stderr, which the worker follows
-through the pod log. The runtime's wrapper reports to this command on a pipe
-(runtimes/base.py), never through a file in the work dir. The outcome comes
-last, on one stdout line that starts with a marker the worker chose for this
-job, so nothing the job prints is mistaken for it. Kubernetes enforces memory, CPU and the deadline; the worker
-enforces the output cap.
+The worker puts everything the job needs (code, input, environment, and the
+marker of its outcome line) in a Secret of the job's own, compressed; the pod
+mounts it read-only and this command reads it from the path it is given. So
+the pod object stays small (every pod watcher in the cluster receives it on
+each status change) and the job's input is not readable by whoever may read
+pods. The pod's working directory (an emptyDir) is the job's work dir. The
+job's own output goes to the container's stdout and stderr, which the worker
+follows through the pod log. The runtime's wrapper reports to this command on
+a pipe (runtimes/base.py), never through a file in the work dir. The outcome
+comes last, on one stdout line that starts with a marker the worker chose for
+this job, so nothing the job prints is mistaken for it. Kubernetes enforces
+memory, CPU and the deadline; the worker enforces the output cap.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+import zlib
 from pathlib import Path
 
 from gristmill.runtimes import get_runtime
@@ -28,45 +33,43 @@ from gristmill.runtimes.base import WORK, Report
 from gristmill.runtimes.results import checked_result, clean_error, parse_lenient
 from gristmill.sandbox.base import JobOutcome, JobRequest, Limits, failure, killed_by_signal
 
-JOB_ENV = "GRISTMILL_JOB"  # GRISTMILL_JOB_PARTS, GRISTMILL_JOB_0, GRISTMILL_JOB_1, ...
-ENV_PART = 100_000
-MAX_PAYLOAD = 1_000_000  # a pod object must stay under etcd's 1.5 MiB
-MARKER_ENV = "GRISTMILL_OUTCOME_MARKER"
+PAYLOAD_DIR = "/var/run/gristmill/job"  # where the job pod mounts its Secret
+PAYLOAD_KEY = "job.json.z"  # the Secret's one key: the job as zlib-compressed JSON
+MAX_PAYLOAD = 2**20  # the API server refuses a Secret whose data passes 1 MiB
 PATH = "/usr/local/bin:/usr/bin:/bin"
 LINGER_S = 1.0  # for output still in the pipe once the job's main process exited
 
 
 class PayloadTooLarge(ValueError):
-    """The job does not fit in a pod object."""
+    """The job does not fit in its Secret."""
 
 
-def request_env(request: JobRequest) -> dict[str, str]:
-    """What the worker puts in the pod's environment: all it needs to run the job, cut in
-    parts because one environment string may not pass 128 KiB (Linux's MAX_ARG_STRLEN)."""
+def job_payload(request: JobRequest, marker: str) -> bytes:
+    """What the worker puts in the job's Secret: all the pod needs to run the job."""
     text = json.dumps({
         "id": request.job_id, "language": request.language, "code": request.code,
         "input": request.input, "inputOrder": list(request.input_order),
         "requirements": list(request.requirements), "env": dict(request.env),
-        "maxFileBytes": request.limits.max_file_bytes,
-    })  # ASCII (ensure_ascii): characters are bytes
-    if len(text) > MAX_PAYLOAD:
+        "maxFileBytes": request.limits.max_file_bytes, "marker": marker,
+    }).encode()  # ASCII (ensure_ascii): characters are bytes
+    payload = zlib.compress(text, 6)
+    if len(payload) > MAX_PAYLOAD:
         raise PayloadTooLarge(
-            f"the job's code and input take {len(text) // 1024} KiB, and a job pod carries at "
-            f"most {MAX_PAYLOAD // 1024} KiB: pass large data by reference (a URL, a bucket "
-            f"path) or run the Script on a process-executor WorkerGroup")
-    parts = [text[at:at + ENV_PART] for at in range(0, len(text), ENV_PART)]
-    return {f"{JOB_ENV}_PARTS": str(len(parts)),
-            **{f"{JOB_ENV}_{number}": part for number, part in enumerate(parts)}}
+            f"the job's code and input take {len(text) // 1024} KiB, "
+            f"{len(payload) // 1024} KiB compressed, and a job pod's Secret holds at most "
+            f"{MAX_PAYLOAD // 1024} KiB: pass large data by reference (a URL, a bucket path) "
+            f"or run the Script on a process-executor WorkerGroup")
+    return payload
 
 
-def request_from_env(environ: Mapping[str, str]) -> JobRequest:
-    text = "".join(environ[f"{JOB_ENV}_{number}"]
-                   for number in range(int(environ[f"{JOB_ENV}_PARTS"])))
-    job = json.loads(text)
-    return JobRequest(job_id=job["id"], language=job["language"], code=job["code"],
-                      input=job["input"], input_order=tuple(job["inputOrder"]),
-                      requirements=tuple(job["requirements"]), env=job["env"],
-                      limits=Limits(max_file_bytes=job["maxFileBytes"]))
+def read_payload(payload: bytes) -> tuple[JobRequest, str]:
+    """The job and its outcome marker, from what `job_payload` wrote."""
+    job = json.loads(zlib.decompress(payload))
+    request = JobRequest(job_id=job["id"], language=job["language"], code=job["code"],
+                         input=job["input"], input_order=tuple(job["inputOrder"]),
+                         requirements=tuple(job["requirements"]), env=job["env"],
+                         limits=Limits(max_file_bytes=job["maxFileBytes"]))
+    return request, job["marker"]
 
 
 def outcome_line(marker: str, outcome: JobOutcome) -> str:
@@ -86,7 +89,7 @@ def parse_outcome_line(marker: str, line: str) -> JobOutcome | None:
         return None
     if not isinstance(written, dict) or "ok" not in written:
         return None
-    # Checked again: the job can read the marker from this command's environment.
+    # Checked again: the job can read the marker from its Secret.
     if written["ok"] is True:
         return checked_result(written.get("result"), "the job returned")
     return JobOutcome(ok=False, error=clean_error(written.get("error")))
@@ -165,8 +168,11 @@ def run(request: JobRequest, workdir: Path) -> tuple[JobOutcome, bool]:
 
 
 def main() -> int:
-    marker = os.environ[MARKER_ENV]
-    request = request_from_env(os.environ)
+    if len(sys.argv) != 2:
+        sys.stderr.write(f"usage: python -m gristmill.sandbox.pod_job "
+                         f"{PAYLOAD_DIR}/{PAYLOAD_KEY}\n")
+        return 2
+    request, marker = read_payload(Path(sys.argv[1]).read_bytes())
     outcome, mid_line = run(request, Path.cwd())
     _write(("\n" if mid_line else "") + outcome_line(marker, outcome) + "\n")
     return 0

@@ -19,12 +19,13 @@ from collections.abc import Coroutine
 from typing import Any
 
 import kopf
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import start_http_server
 from pydantic import ValidationError
 
 from gristmill.housekeeping import DEFAULT_RETENTION, run_housekeeping
+from gristmill.kube import load_cluster_config
 from gristmill.operator import reconcile
 from gristmill.operator.autoscaler import Autoscaler
 from gristmill.operator.deployment import (
@@ -71,11 +72,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     await memo.pool.open(wait=True, timeout=60)
     if METRICS_PORT:
         start_http_server(METRICS_PORT)
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        # Read KUBECONFIG now: the client library only reads it when first imported.
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    load_cluster_config()
     namespaces = [n for n in os.environ.get("GRISTMILL_WATCH_NAMESPACES", "").split(",") if n]
     groups = GroupLoop(memo.pool, Autoscaler(period_s=AUTOSCALE_S), AUTOSCALE_S, namespaces)
     memo.stop_loops = asyncio.Event()

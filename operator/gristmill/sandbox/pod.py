@@ -40,11 +40,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from gristmill import labels
+from gristmill.kube import ClusterUnavailable, load_cluster_config
 from gristmill.sandbox.base import JobOutcome, JobRequest, SandboxUnavailable, failure
 from gristmill.sandbox.pod_job import PayloadTooLarge, job_payload, parse_outcome_line
 from gristmill.sandbox.pod_objects import job_pod, job_secret
@@ -60,17 +61,14 @@ REQUEST_TIMEOUT = (5, 30)  # connect, read: seconds
 LANDED_S = 30.0  # for the watch to show a pod whose create's answer was lost
 DRAIN_S = 5.0  # a log stream's time to end once the watch saw its container end
 WRITE_RATE, WRITE_BURST = 5.0, 10  # client-go's defaults (QPS 5, burst 10)
+DELETE_GRACE_S = 5  # SIGTERM, then SIGKILL: a job pod has nothing to save
 
 
 def load_kubernetes_config() -> None:
     try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        try:
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-        except (config.ConfigException, OSError) as exc:
-            raise SandboxUnavailable(f"the pod executor needs the Kubernetes API: not in a "
-                                     f"cluster and no usable kubeconfig ({exc})") from exc
+        load_cluster_config()
+    except ClusterUnavailable as exc:
+        raise SandboxUnavailable(f"the pod executor needs the Kubernetes API: {exc}") from exc
 
 
 class _LogLines:
@@ -388,8 +386,10 @@ class PodExecutor:
             return  # deleted from outside already
         await self.writes.take(1, urgent=True)  # before any creation that waits
         try:
+            # Not forced: the object stays until the kubelet has stopped the container (a
+            # forced delete lets a cancelled job run on unseen).
             await self._retrying(self.core.delete_namespaced_pod, name, self.namespace,
-                                 grace_period_seconds=0)
+                                 grace_period_seconds=DELETE_GRACE_S)
         except ApiException as exc:
             if exc.status != 404:
                 log.warning("could not delete job pod %s (%s); it goes when its worker pod "

@@ -73,19 +73,50 @@ def test_pods_meet_pss_restricted_and_the_operator_runs_alone():
         assert "helm.sh/chart" not in workload["spec"]["template"]["metadata"]["labels"], name
 
 
-def test_the_bundled_database_gets_a_generated_password():
-    objects = render()
-    secret = by_kind(objects, "Secret")["gristmill-database"]["stringData"]
-    assert len(secret["password"]) == 32
-    assert secret["url"] == f"postgresql://gristmill:{secret['password']}@gm-postgres:5432/gristmill"
-    (env,) = [e for e in by_kind(objects, "StatefulSet")["gm-postgres"]["spec"]["template"][
+def setup_job(objects: list[dict]) -> dict:
+    return by_kind(objects, "Job")["gristmill-setup"]
+
+
+def test_the_bundled_database_password_is_made_once_by_the_setup_hook():
+    # Rendered without a cluster (helm template, Argo CD), twice: the same objects, and
+    # no password in them; the hook Job makes the Secret on the cluster once.
+    first, again = render(), render()
+    assert first == again
+    assert "gristmill-database" not in by_kind(first, "Secret")
+    job = setup_job(first)
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args == ["setup", "--crds", "--database-secret=gristmill-database",
+                    "--database-host=gm-postgres", f"--namespace={NAMESPACE}"]
+    (env,) = [e for e in by_kind(first, "StatefulSet")["gm-postgres"]["spec"]["template"][
         "spec"]["containers"][0]["env"] if e["name"] == "POSTGRES_PASSWORD"]
     assert env["valueFrom"]["secretKeyRef"] == {"name": "gristmill-database", "key": "password"}
-    # It outlives `helm uninstall`, as the data volume does; and a given one is used as is.
-    assert by_kind(objects, "Secret")["gristmill-database"]["metadata"]["annotations"] == {
-        "helm.sh/resource-policy": "keep"}
-    given = by_kind(render({"database": {"bundled": {"password": "s3cret"}}}), "Secret")
-    assert given["gristmill-database"]["stringData"]["password"] == "s3cret"
+    # The hook may create Secrets and read only that one.
+    role = by_kind(first, "Role")["gristmill-setup"]
+    assert {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+            "resourceNames": ["gristmill-database"]} in role["rules"]
+
+    # A given password is used as is (escaped in the URL) and outlives `helm uninstall`,
+    # as the data volume does.
+    given = render({"database": {"bundled": {"password": "s3cr@t"}}})
+    secret = by_kind(given, "Secret")["gristmill-database"]
+    assert secret["stringData"] == {
+        "password": "s3cr@t", "url": "postgresql://gristmill:s3cr%40t@gm-postgres:5432/gristmill"}
+    assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert setup_job(given)["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "setup", "--crds"]
+
+
+def test_the_setup_hook_is_what_the_cli_runs_and_can_be_left_out():
+    from gristmill.cli import build_parser
+
+    job = setup_job(render())
+    parsed = build_parser().parse_args(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert parsed.command == "setup" and parsed.crds and parsed.database_host == "gm-postgres"
+    assert restricted_violations(job["spec"]["template"]["spec"]) == []
+    # CRDs left to the user and an external database: nothing to do, no hook at all.
+    bare = render({"setup": {"crds": False}, "database": {"url": "postgresql://x/y"}})
+    assert [o for o in bare if o["metadata"]["name"] == "gristmill-setup"] == []
 
 
 def test_an_external_database_replaces_the_bundled_one():
@@ -131,7 +162,8 @@ def test_retention_reaches_the_api_and_the_operator_as_the_cli_reads_it():
 def test_rbac_is_files_rbac_in_the_release_namespace():
     source = [d for d in yaml.safe_load_all((CHART / "files" / "rbac.yaml").read_text()) if d]
     rendered = [o for o in render() if o["kind"] in
-                ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")]
+                ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+                and o["metadata"]["name"] != "gristmill-setup"]  # the hook's own
     assert len(rendered) == len(source)
     for mine, theirs in zip(rendered, source, strict=True):
         if "namespace" in theirs.get("metadata", {}):

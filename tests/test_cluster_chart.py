@@ -85,9 +85,18 @@ def test_the_chart_upgrades_in_place(release, cluster):
     config, _, database_url = release
     values = release_values(database_url)
     values["retention"] = "7d"
+    # Helm never upgrades crds/: the chart's setup hook must. Make the Flow CRD an old one.
+    flows = get(cluster, "crd", "flows.gristmill.io")
+    columns = flows["spec"]["versions"][0].pop("additionalPrinterColumns")
+    kubectl(cluster, "replace", "-f", "-", input=json.dumps(flows))
     upgraded = config.upgrade(str(ROOT / "charts/gristmill"), RELEASE, values,
                               namespace=NAMESPACE, wait="watcher", timeout=240)
     assert upgraded["status"] == "deployed" and upgraded["revision"] == 2
+    served = get(cluster, "crd", "flows.gristmill.io")["spec"]["versions"][0]
+    assert served["additionalPrinterColumns"] == columns
+    # The hook's objects went once it succeeded.
+    assert get(cluster, "job", "gristmill-setup", "-n", NAMESPACE) is None
+    assert get(cluster, "clusterrolebinding", "gristmill-setup") is None
     api = get(cluster, "deployment", "gristmill-api", "-n", NAMESPACE)
     assert "--retention=7d" in api["spec"]["template"]["spec"]["containers"][0]["args"]
     wait_for("the upgraded API serving", lambda: gristmill(

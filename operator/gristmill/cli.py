@@ -356,6 +356,38 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_setup(args: argparse.Namespace) -> int:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from gristmill import setup_steps
+    from gristmill.kube import api_message, load_cluster_config
+
+    if not args.crds and not args.database_secret:
+        raise UsageError("nothing to do: give --crds and/or --database-secret")
+    if args.database_secret and not args.database_host:
+        raise UsageError("--database-secret needs --database-host (the bundled PostgreSQL's "
+                         "Service)")
+    load_cluster_config()
+    try:
+        if args.crds:
+            for name in setup_steps.apply_crds(client.ApiextensionsV1Api()):
+                print(f"applied CRD {name}")
+        if args.database_secret:
+            db = setup_steps.BundledDatabase(args.namespace, args.database_secret,
+                                             args.database_host)
+            made = setup_steps.ensure_database_secret(client.CoreV1Api(), db)
+            print(f"{'created' if made else 'kept'} Secret {db.namespace}/{db.secret}")
+    except ApiException as exc:
+        print(f"gristmill setup: the API server refused ({exc.status} {exc.reason}): "
+              f"{api_message(exc)}", file=sys.stderr)
+        return 1
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"gristmill setup: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from gristmill.dev.server import DevOptions, run_dev
 
@@ -510,6 +542,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="write one file per CRD here (e.g. crds/)")
     p.set_defaults(func=cmd_crds)
 
+    p = sub.add_parser("setup", help="install/upgrade step (the chart's hook): apply the "
+                                     "CRDs, make the bundled database's Secret once")
+    p.add_argument("--crds", action="store_true", help="server-side apply the CRDs")
+    p.add_argument("--database-secret", metavar="NAME",
+                   help="create this Secret (url, password) unless it exists")
+    p.add_argument("--database-host", help="the bundled PostgreSQL's Service name")
+    p.add_argument("-n", "--namespace", default="default", help="of the Secret")
+    p.set_defaults(func=cmd_setup)
+
     p = sub.add_parser("apply", help="store Script and Flow manifests in the database (no cluster)")
     p.add_argument("paths", nargs="+")
     db_args(p)
@@ -519,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from gristmill.dev.postgres import PostgresNotFound
+    from gristmill.kube import ClusterUnavailable
     from gristmill.sandbox.base import SandboxUnavailable
 
     args = build_parser().parse_args(argv)
@@ -526,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (UsageError, ApiError, PostgresNotFound, SandboxUnavailable) as exc:
+    except (UsageError, ApiError, PostgresNotFound, SandboxUnavailable,
+            ClusterUnavailable) as exc:
         print(f"gristmill: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:

@@ -7,9 +7,12 @@ that sets KUBECONFIG late is honoured) or ~/.kube/config.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 
 from kubernetes import config
+from kubernetes.client.exceptions import ApiException
 
 
 class ClusterUnavailable(RuntimeError):
@@ -25,3 +28,10 @@ def load_cluster_config() -> None:
         except (config.ConfigException, OSError) as exc:
             raise ClusterUnavailable(f"not in a cluster and no usable kubeconfig ({exc}): "
                                      f"set KUBECONFIG or run in a pod") from exc
+
+
+def api_message(exc: ApiException) -> str:
+    """What the API server said, from its Status body (its own words are the clearest)."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        return json.loads(exc.body).get("message") or str(exc.reason)
+    return f"{exc.status} {exc.reason}"

@@ -48,3 +48,10 @@ capabilities: {drop: [ALL]}
 {{- $db := .Values.database }}
 {{- if and $db.bundled.enabled (not $db.url) (not $db.existingSecret) }}true{{ end }}
 {{- end }}
+
+{{/* Annotations of the setup hook's objects (templates/setup.yaml); "weight" orders them. */}}
+{{- define "gristmill.setupHook" -}}
+helm.sh/hook: pre-install,pre-upgrade
+helm.sh/hook-weight: {{ .weight | quote }}
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+{{- end }}

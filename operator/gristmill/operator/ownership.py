@@ -17,8 +17,8 @@ APPLY_PATCH = "application/apply-patch+yaml"
 
 
 def server_side_apply(patch: Callable[..., Any], obj: dict[str, Any], manager: str) -> Any:
-    """Apply `obj` (created if missing) with the namespaced `patch_namespaced_*` call of its
-    kind; force, as controllers do: these fields are ours by design."""
+    """Apply `obj` (created if missing) with the `patch_*` call of its kind (namespaced or
+    not); force, as controllers do: these fields are ours by design."""
     meta = obj["metadata"]
-    return patch(meta["name"], meta["namespace"], obj, field_manager=manager, force=True,
-                 _content_type=APPLY_PATCH)
+    where = (meta["name"], meta["namespace"]) if "namespace" in meta else (meta["name"],)
+    return patch(*where, obj, field_manager=manager, force=True, _content_type=APPLY_PATCH)

@@ -45,7 +45,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from gristmill import labels
-from gristmill.kube import ClusterUnavailable, load_cluster_config
+from gristmill.kube import ClusterUnavailable, api_message, load_cluster_config
 from gristmill.sandbox.base import JobOutcome, JobRequest, SandboxUnavailable, failure
 from gristmill.sandbox.pod_job import PayloadTooLarge, job_payload, parse_outcome_line
 from gristmill.sandbox.pod_objects import job_pod, job_secret
@@ -393,7 +393,7 @@ class PodExecutor:
         except ApiException as exc:
             if exc.status != 404:
                 log.warning("could not delete job pod %s (%s); it goes when its worker pod "
-                            "goes", name, _api_message(exc))
+                            "goes", name, api_message(exc))
         except Exception as exc:  # noqa: BLE001 - see the docstring
             log.warning("could not delete job pod %s (%s); it goes when its worker pod goes",
                         name, exc)
@@ -442,15 +442,9 @@ def _problem(exc: BaseException) -> str:
     """What a person reads when a create failed."""
     if not isinstance(exc, ApiException):
         return f"{type(exc).__name__}: {exc}"
-    message = _api_message(exc)
+    message = api_message(exc)
     if exc.status == 403:
         message += (" (the worker's ServiceAccount needs the gristmill-job-runner ClusterRole "
                     "of this Gristmill version, bound in this namespace: it may create pods "
                     "and secrets)")
     return message
-
-
-def _api_message(exc: ApiException) -> str:
-    with contextlib.suppress(ValueError, TypeError):
-        return json.loads(exc.body).get("message") or str(exc.reason)
-    return f"{exc.status} {exc.reason}"

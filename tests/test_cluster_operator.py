@@ -29,19 +29,21 @@ pytestmark = pytest.mark.timeout(240)  # pods start as processes: slower than a 
 OPERATOR_NAMESPACE = "gristmill"  # files/rbac.yaml's own
 TEAM = "team-a"
 STRICT = "strict"  # enforces Pod Security baseline
+RESTRICTED = "restricted"  # enforces Pod Security restricted
 
 
 class RunningOperator:
     def __init__(self, cluster, tmp_path):
         cp = cluster.control_plane
         for namespace, labels in ((OPERATOR_NAMESPACE, {}), (TEAM, {}), (STRICT, {
-                "pod-security.kubernetes.io/enforce": "baseline"})):
+                "pod-security.kubernetes.io/enforce": "baseline"}), (RESTRICTED, {
+                "pod-security.kubernetes.io/enforce": "restricted"})):
             cp.ensure_namespace(namespace, labels)
         kubectl(cluster, "apply", "-f", str(ROOT / "charts/gristmill/files/rbac.yaml"))
         self.pod_url = cluster.database_url(f"operator_{uuid.uuid4().hex[:8]}")
         self.url = self.pod_url.replace(f"@{cluster.network.gateway}:", "@127.0.0.1:")
         asyncio.run(migrate_url(self.url))
-        for namespace in (TEAM, STRICT):  # what worker pods read their database from
+        for namespace in (TEAM, STRICT, RESTRICTED):  # where worker pods read the database
             apply(cluster, {"apiVersion": "v1", "kind": "Secret", "metadata": {
                 "name": "gristmill-database", "namespace": namespace},
                 "data": {"url": base64.b64encode(self.pod_url.encode()).decode()}})
@@ -159,6 +161,38 @@ def test_pods_refused_by_admission_are_reported(operator, crds):
                         .read_text() + " end")
     assert check(health.table_from(_lua(health, group))).status == "Degraded"
     kubectl(crds, "delete", "workergroup", "refused", "-n", STRICT, "--wait=true")
+
+
+def test_the_pod_executor_runs_jobs_where_pod_security_is_restricted(operator, crds):
+    """Worker and job pods both pass `restricted`; the worker acts only as
+    gristmill-job-runner, bound by the operator; each job's Secret goes with its pod."""
+    kubectl(crds, "apply", "-n", RESTRICTED, "-f", str(ROOT / "examples/hello.yaml"))
+    ready(crds, "script", "hello", RESTRICTED)
+    apply(crds, worker_group("pods", executor="pod"), "-n", RESTRICTED)
+    binding = wait_for("the workers' RoleBinding", lambda: get(
+        crds, "rolebindings", "-n", RESTRICTED, "-l", "gristmill.io/worker-group=pods")[
+        "items"])
+    assert [b["roleRef"]["name"] for b in binding] == ["gristmill-job-runner"]
+    wait_for("a ready worker pod", lambda: get(
+        crds, "deployment", "gristmill-workers-pods", "-n", RESTRICTED)["status"].get(
+        "readyReplicas") == 1, timeout=90)
+    job = asyncio.run(_run_hello(operator, RESTRICTED))
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"] == {"greeting": "Hello, cluster."}
+
+    (job_pod,) = get(crds, "pods", "-n", RESTRICTED, "-l",
+                     f"gristmill.io/job-id={job['id']}")["items"] or [None]
+    secrets = [s for s in get(crds, "secrets", "-n", RESTRICTED)["items"]
+               if any(o["kind"] == "Pod" for o in s["metadata"].get("ownerReferences", []))]
+    if job_pod is not None:  # not yet deleted by its worker: its Secret is its own
+        assert secrets and all(s["metadata"]["ownerReferences"][0]["uid"] ==
+                               job_pod["metadata"]["uid"] for s in secrets)
+    wait_for("the job pod deleted and its Secret collected with it", lambda: not get(
+        crds, "pods", "-n", RESTRICTED, "-l", f"gristmill.io/job-id={job['id']}")["items"] and not [
+        s for s in get(crds, "secrets", "-n", RESTRICTED)["items"]
+        if any(o["kind"] == "Pod" for o in s["metadata"].get("ownerReferences", []))],
+        timeout=60)
+    kubectl(crds, "delete", "workergroup", "pods", "-n", RESTRICTED, "--wait=true")
 
 
 def _lua(runtime, value):

@@ -1,8 +1,10 @@
-"""A Helm release of the chart on a real cluster runs a Script end to end: CRDs,
-operator, API, bundled PostgreSQL, a pod-executor WorkerGroup, a job pod.
+"""A Helm release of the chart on a real cluster runs Python and Bash Scripts end to end:
+CRDs, operator, API, bundled PostgreSQL, the release's default WorkerGroup.
 
-The workflow installs the release (e2e/release-values.yaml) and names its namespace in
-GRISTMILL_E2E_RELEASE_NAMESPACE; the test reaches the API with `kubectl port-forward`.
+The workflow installs the release twice, once per executor (e2e/release-values.yaml:
+job pods; e2e/release-values-process.yaml: confined processes in user-namespaced worker
+pods), and names its namespace in GRISTMILL_E2E_RELEASE_NAMESPACE; the test reaches the
+API with `kubectl port-forward`.
 """
 
 from __future__ import annotations
@@ -49,12 +51,17 @@ def api(k8s):
         forward.terminate()
 
 
-def test_a_released_gristmill_runs_a_script_in_a_pod(k8s, api):
-    (script,) = yaml.safe_load_all((ROOT / "examples" / "hello.yaml").read_text())
+def _create_script(k8s, script: dict) -> None:
     script["metadata"]["namespace"] = RELEASE_NAMESPACE
     k8s.CustomObjectsApi().create_namespaced_custom_object(
         GROUP, VERSION, RELEASE_NAMESPACE, "scripts", script)
-    _wait(lambda: _ready(_get(k8s, RELEASE_NAMESPACE, "scripts", "hello")) == "True", 120)
+    name = script["metadata"]["name"]
+    _wait(lambda: _ready(_get(k8s, RELEASE_NAMESPACE, "scripts", name)) == "True", 120)
+
+
+def test_a_released_gristmill_runs_a_python_script(k8s, api):
+    (script,) = yaml.safe_load_all((ROOT / "examples" / "hello.yaml").read_text())
+    _create_script(k8s, script)
 
     submitted = api.submit_script(RELEASE_NAMESPACE, "hello", {"input": {"name": "kind"}})
     started = time.monotonic()
@@ -62,3 +69,12 @@ def test_a_released_gristmill_runs_a_script_in_a_pod(k8s, api):
     assert run["status"] == "succeeded", run
     assert "kind" in str(run["result"])
     print(f"first run on a fresh release: {time.monotonic() - started:.1f}s (pod start included)")
+
+
+def test_a_released_gristmill_runs_a_bash_script(k8s, api):
+    _create_script(k8s, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Script",
+                         "metadata": {"name": "whoami"},
+                         "spec": {"language": "bash", "code": 'echo "uid=$(id -u)"\n'}})
+    run = api.wait(api.submit_script(RELEASE_NAMESPACE, "whoami", {})["id"], timeout=300)
+    assert run["status"] == "succeeded", run
+    assert "uid=" in api.log_tail(run["id"])

@@ -1,18 +1,23 @@
 """Queue throughput and latency: Gristmill's real claim/finish path beside procrastinate.
 
-    python bench/queue_throughput.py [--jobs 20000] [--processes 2] [--concurrency 500]
+    python bench/queue_throughput.py [--jobs 20000 100000 200000] [--processes 2]
+                                     [--concurrency 500] [--fair-backlog 100000]
 
 Starts a throwaway PostgreSQL (the local server binaries, default durable
 settings: fsync on, synchronous_commit on), then on separate databases of it:
 
-1. burst: enqueue --jobs no-op jobs in batches of 1,000, drain them with
-   --processes `gristmill worker` processes (the real worker: batched claims
-   with SKIP LOCKED, batched completions that move jobs to history);
+1. idle latency: with the workers idle, one job at a time, enqueue-to-start
+   p50/p99 (LISTEN/NOTIFY wake-up);
+2. bursts: for each --jobs, enqueue that many no-op jobs in batches of 1,000
+   and drain them with --processes `gristmill worker` processes (the real
+   worker: batched claims with SKIP LOCKED, batched completions that move jobs
+   to history), one burst after the other with the same long-lived workers;
    jobs/s from the first enqueue to the last completion, and enqueue-to-start
    latency p50/p99 under that burst;
-2. idle latency: with the workers idle, one job at a time, enqueue-to-start
-   p50/p99 (LISTEN/NOTIFY wake-up);
-3. the same burst on procrastinate (PyPI), with the same number of worker
+3. fair share: --fair-backlog jobs queued in one namespace, then a trickle of
+   one job every 20 ms in another while the backlog drains; the trickle's
+   enqueue-to-start p50/p99;
+4. the first burst on procrastinate (PyPI), with the same number of worker
    processes and concurrency, against the same server; the ratio.
 Needs `pip install procrastinate` for part 3 (skipped with a note otherwise).
 """
@@ -80,6 +85,33 @@ async def gristmill_burst(url: str, jobs: int) -> tuple[float, list[float]]:
         waits = [float(r[0]) for r in await cur.fetchall()]
         await conn.execute("TRUNCATE job_history")
     return jobs / elapsed, waits
+
+
+async def fair_share(url: str, backlog: int, trickle: int) -> list[float]:
+    """Waits of a trickle in namespace `quiet` while `busy` has `backlog` jobs queued."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        for offset in range(0, backlog, 1000):
+            async with conn.transaction():
+                await queue.enqueue(conn, [queue.NewJob(namespace="busy", tag=TAG, kind="noop")
+                                           for _ in range(min(1000, backlog - offset))])
+        for _ in range(trickle):
+            async with conn.transaction():
+                await queue.enqueue(conn, [queue.NewJob(namespace="quiet", tag=TAG,
+                                                        kind="noop")])
+            await asyncio.sleep(0.02)
+        while True:
+            done = (await (await conn.execute("SELECT count(*) FROM job_history")).fetchone())[0]
+            if done >= backlog + trickle:
+                break
+            await asyncio.sleep(0.05)
+        # Only the trickle's jobs that came while the backlog was still queued count.
+        cur = await conn.execute(
+            "SELECT extract(epoch FROM q.started_at - q.created_at) * 1000 FROM job_history q"
+            " WHERE q.namespace = 'quiet' AND q.created_at < (SELECT max(started_at)"
+            " FROM job_history WHERE namespace = 'busy')")
+        waits = [float(r[0]) for r in await cur.fetchall()]
+        await conn.execute("TRUNCATE job_history")
+    return waits
 
 
 async def gristmill_idle_latency(url: str, samples: int) -> list[float]:
@@ -156,7 +188,10 @@ async def procrastinate_burst(url: str, jobs: int, processes: int, concurrency: 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--jobs", type=int, default=20000)
+    parser.add_argument("--jobs", type=int, nargs="+", default=[20000, 100000, 200000],
+                        help="burst sizes, run in turn by the same workers")
+    parser.add_argument("--fair-backlog", type=int, default=100000,
+                        help="jobs queued in one namespace while another trickles (0: skip)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=500)
     parser.add_argument("--latency-samples", type=int, default=200)
@@ -175,28 +210,40 @@ async def main() -> None:
                 async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
                     await wait_workers_registered(conn, args.processes)
                 idle = await gristmill_idle_latency(url, args.latency_samples)
-                rate, waits = await gristmill_burst(url, args.jobs)
+                print(f"PostgreSQL {server.bin_dir.parent.name}, durable settings; "
+                      f"{os.cpu_count()} cores; {args.processes} worker processes x "
+                      f"concurrency {args.concurrency}")
+                print(f"gristmill     idle workers: enqueue-to-start p50 "
+                      f"{statistics.median(idle):.1f} ms, p99 {percentile(idle, 99):.1f} ms "
+                      f"({len(idle)} jobs, one at a time)")
+                rates = []
+                for jobs in args.jobs:
+                    rate, waits = await gristmill_burst(url, jobs)
+                    rates.append(rate)
+                    print(f"gristmill     burst of {jobs}: {rate:8.0f} jobs/s end to end; "
+                          f"enqueue-to-start p50 {percentile(waits, 50):.0f} ms, "
+                          f"p99 {percentile(waits, 99):.0f} ms", flush=True)
+                if args.fair_backlog:
+                    waits = await fair_share(url, args.fair_backlog, 200)
+                    print(f"gristmill     fair share: {len(waits)} jobs of a quiet namespace, "
+                          f"one every 20 ms while {args.fair_backlog} queued in another drain: "
+                          + (f"enqueue-to-start p50 {percentile(waits, 50):.0f} ms, p99 "
+                             f"{percentile(waits, 99):.0f} ms" if waits else
+                             "none came before the backlog was gone: raise --fair-backlog"))
             finally:
                 stop_workers(workers)
-            print(f"PostgreSQL {server.bin_dir.parent.name}, durable settings; {os.cpu_count()} "
-                  f"cores; {args.processes} worker processes x concurrency {args.concurrency}")
-            print(f"gristmill     burst of {args.jobs}: {rate:8.0f} jobs/s end to end; "
-                  f"enqueue-to-start p50 {percentile(waits, 50):.0f} ms, "
-                  f"p99 {percentile(waits, 99):.0f} ms")
-            print(f"gristmill     idle workers: enqueue-to-start p50 "
-                  f"{statistics.median(idle):.1f} ms, p99 {percentile(idle, 99):.1f} ms "
-                  f"({len(idle)} jobs, one at a time)")
+            rate, first_burst = rates[0], args.jobs[0]
             try:
                 import procrastinate  # noqa: F401
             except ImportError:
                 print("procrastinate not installed (pip install procrastinate): no comparison")
                 return
-            rates = {}
+            rates = {}  # procrastinate's, per concurrency
             for concurrency in args.procrastinate_concurrency:
                 p_url = server.create_database(f"bench_procrastinate_{concurrency}")
-                rates[concurrency] = await procrastinate_burst(p_url, args.jobs,
+                rates[concurrency] = await procrastinate_burst(p_url, first_burst,
                                                                args.processes, concurrency)
-                print(f"procrastinate burst of {args.jobs}: {rates[concurrency]:8.0f} jobs/s "
+                print(f"procrastinate burst of {first_burst}: {rates[concurrency]:8.0f} jobs/s "
                       f"end to end ({args.processes} processes x concurrency {concurrency})")
             best = max(rates.values())
             print(f"ratio: gristmill is {rate / best:.1f}x procrastinate's best")

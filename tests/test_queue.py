@@ -13,7 +13,8 @@ NS = "default"
 
 
 def noop(i: int = 0, **kw) -> queue.NewJob:
-    return queue.NewJob(namespace=NS, tag=kw.pop("tag", "python"), kind="noop", input={"i": i}, **kw)
+    return queue.NewJob(namespace=kw.pop("namespace", NS), tag=kw.pop("tag", "python"),
+                        kind="noop", input={"i": i}, **kw)
 
 
 async def claim(db, worker: str, limit: int, tags=("python",)) -> list[queue.ClaimedJob]:
@@ -53,6 +54,33 @@ async def test_claim_order_follows_priority(db):
         ids[name] = (await queue.enqueue(db, [noop(priority=prio)]))[0]
     taken = [(await claim(db, "w", 1))[0].id for _ in range(4)]
     assert taken == [ids["high"], ids["a"], ids["b"], ids["low"]]
+
+
+async def test_namespaces_share_claims_fairly(db):
+    """A burst in one namespace does not starve another: each queue (tag, namespace) gets
+    an equal share of a claim, the shares left unused go to the busier queues, and
+    priority still orders the jobs inside a namespace."""
+    await workers.register(db, "w", ["python"], 10)
+    flood = [noop(i, namespace="team-a") for i in range(500)]
+    await queue.enqueue(db, flood)
+    trickle = [queue.NewJob(namespace="team-b", tag="python", kind="noop", priority=p)
+               for p in (0, 5, 1, 4, 2, 3)]
+    await queue.enqueue(db, trickle)
+
+    first = await claim(db, "w", 10)  # a share of 5 each
+    assert sorted(j.priority for j in first if j.namespace == "team-b") == [1, 2, 3, 4, 5]
+    assert {j.id for j in first if j.namespace == "team-a"} == {j.id for j in flood[:5]}
+    # team-b's last job and what it leaves of the share go to team-a.
+    second = await claim(db, "w", 10)
+    assert [j.priority for j in second if j.namespace == "team-b"] == [0]
+    assert {j.id for j in second if j.namespace == "team-a"} == {j.id for j in flood[5:14]}
+
+    await queue.enqueue(db, [queue.NewJob(namespace="team-c", tag="python", kind="noop")
+                             for _ in range(4)])
+    second = await claim(db, "w", 8)
+    assert sorted(j.namespace for j in second) == ["team-a"] * 4 + ["team-c"] * 4
+    # One queue alone gets the whole claim.
+    assert [j.namespace for j in await claim(db, "w", 50)] == ["team-a"] * 50
 
 
 async def test_tags_route_jobs(db):

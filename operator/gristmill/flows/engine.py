@@ -30,7 +30,7 @@ from gristmill.flows.plan import ON_FAILURE, FlowPlan, Indices, parse_path, step
 from gristmill.spec import InputError, check_input, parse_duration
 from gristmill.spec.expressions import ExpressionError, referenced_steps
 from gristmill.store import flows as flow_store
-from gristmill.store import queue
+from gristmill.store import ids, queue
 from gristmill.store import scripts as script_store
 from gristmill.store.flows import FlowRun, StepRow
 
@@ -456,7 +456,7 @@ def _new_run(namespace: str, name: str, version: str, run_input: dict[str, Any],
              pins: dict[str, Any], status: str, parent: tuple[uuid.UUID, str] | None = None,
              restarted_from: uuid.UUID | None = None) -> FlowRun:
     return FlowRun(
-        id=uuid.uuid4(), namespace=namespace, flow_name=name, flow_hash=version,
+        id=ids.new_id(), namespace=namespace, flow_name=name, flow_hash=version,
         status=status, input=run_input, result=None, error=None, priority=priority, pins=pins,
         parent_run_id=parent[0] if parent else None, parent_path=parent[1] if parent else None,
         restarted_from=restarted_from, failure_handled=False, created_at=None, started_at=None,

@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from gristmill import values
-from gristmill.store import notifications, queries
+from gristmill.store import ids, notifications, queries
 
 JOBS_CHANNEL = "gristmill_jobs"
 CANCEL_CHANNEL = "gristmill_cancel"
@@ -42,7 +42,7 @@ class NewJob:
     step_path: str | None = None
     retry_policy: dict[str, Any] | None = None  # overrides the Script's (flow steps)
     timeout_s: float | None = None  # overrides the Script's (flow steps)
-    id: uuid.UUID = field(default_factory=uuid.uuid4)
+    id: uuid.UUID = field(default_factory=ids.new_id)
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,9 @@ async def finish(
     """
     if not outcomes:
         return []
+    # Never a prepared statement: PostgreSQL would switch it to a generic plan after five
+    # runs, one blind to how many outcomes the arrays hold (a nested loop over every
+    # running job). Unprepared, each run is planned for its own arrays.
     cur = await conn.execute(
         queries.FINISH,
         {
@@ -193,6 +196,7 @@ async def finish(
             "errors": [Jsonb(o.error) if o.error is not None else None for o in outcomes],
             "retry_delays": [o.retry_delay for o in outcomes],
         },
+        prepare=False,
     )
     ended = await _ended(cur)
     await _notify_ended(conn, ended)

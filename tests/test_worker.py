@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -26,6 +27,14 @@ SCRIPTS = (
     """, retries=2)
     + script("quick", "def main(x: int = 1):\n    return x * 2\n", timeout="1s")
     + script("spin", "def main():\n    while True:\n        pass\n", timeout="1s")
+    + script("flaky", """
+        import os
+
+        def main():
+            if os.environ["GRISTMILL_ATTEMPT"] == "1":
+                raise RuntimeError("first attempt fails")
+            return "second attempt"
+    """, retries=1)
 )
 
 
@@ -60,6 +69,31 @@ async def wait_status(db, job_id: uuid.UUID, statuses: tuple[str, ...], timeout:
             return job
         await asyncio.sleep(0.1)
     raise AssertionError(f"job {job_id} still {job['status']}")
+
+
+async def test_an_idle_worker_sleeps_until_the_next_job_is_due(scripts_db, database_url):
+    """No polling (the default poll is 30 s): a delayed job and a retry's backoff start on
+    time because the worker, idle, sleeps until the next queued job is due."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "gristmill.cli", "worker", "--database-url", database_url,
+         "--tags", "python", "--concurrency", "2"],
+        env={**os.environ, "GRISTMILL_LOG_LEVEL": "WARNING"})
+    try:
+        version, _ = await script_store.get(scripts_db, "default", "quick")
+        await asyncio.sleep(2)  # the worker is up and idle
+        due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
+        (delayed,) = await queue.enqueue(scripts_db, [queue.NewJob(
+            namespace="default", tag="python", input={"x": 2}, script_name="quick",
+            script_hash=version, scheduled_for=due)])
+        done = await wait_status(scripts_db, delayed, ("succeeded",), timeout=10)
+        assert due <= done["started_at"] < due + dt.timedelta(seconds=2)
+
+        retried = await submit(scripts_db, "flaky", {})
+        done = await wait_status(scripts_db, retried, ("succeeded",), timeout=15)
+        assert done["attempts"] == 2 and done["result"] == "second attempt"
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
 
 
 async def test_killed_worker_loses_no_job_and_runs_it_once(scripts_db, database_url):

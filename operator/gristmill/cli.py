@@ -478,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without a heartbeat before a worker's jobs are re-queued")
     p.add_argument("--grace-period", type=float, default=30.0,
                    help="seconds to finish running jobs on SIGTERM before handing them back")
-    p.add_argument("--poll-interval", type=float, default=1.0,
-                   help="seconds between claims when no notification arrives")
+    p.add_argument("--poll-interval", type=float, default=30.0,
+                   help="the longest an idle worker goes without a claim: it is woken by "
+                        "notifications and when the next delayed job is due (%(default)s s)")
     p.add_argument("--health-port", type=int, default=0,
                    help="serve the liveness probe GET /healthz on this port (0: none)")
     p.add_argument("--stall-after", type=float, default=60.0,

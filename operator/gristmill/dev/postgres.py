@@ -30,6 +30,7 @@ import psycopg
 from psycopg import sql
 
 INSTALL_HINT = "install it with: apt-get install -y postgresql (or pass --database-url)"
+PORT_ATTEMPTS = 3  # starts on a fresh port when another process won the race for ours
 
 
 class PostgresNotFound(RuntimeError):
@@ -208,7 +209,32 @@ class EmbeddedPostgres:
             self.stop()  # left running by a session that was killed
         if self.user is not None:
             _open_path_for(self.data_dir)
-        self.port = self._choose_port()
+        if self.also_allow:
+            self._allow(self.also_allow)
+        for attempt in range(PORT_ATTEMPTS):
+            self.port = self._choose_port()
+            try:
+                self._start_server()
+                break
+            except RuntimeError:
+                # Another process took the port between our check and the server's bind.
+                if attempt + 1 == PORT_ATTEMPTS or not self._lost_port_race():
+                    raise
+                self.port = 0
+        if self._trusts_everyone():
+            self._require_passwords()
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'gristmill'")
+            if exists.fetchone() is None:
+                conn.execute("CREATE DATABASE gristmill")
+        return self.url()
+
+    def _lost_port_race(self) -> bool:
+        log = self.data_dir / "postgres.log"
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        return "could not bind" in tail or "Address already in use" in tail
+
+    def _start_server(self) -> None:
         options = [
             f"-p {self.port}",
             f"-c listen_addresses=127.0.0.1{',' + self.also_listen if self.also_listen else ''}",
@@ -218,17 +244,8 @@ class EmbeddedPostgres:
         ]
         if not self.durable:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
-        if self.also_allow:
-            self._allow(self.also_allow)
         self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-w", "-t", "60",
                   "-l", str(self.data_dir / "postgres.log"), "-o", " ".join(options), "start")
-        if self._trusts_everyone():
-            self._require_passwords()
-        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'gristmill'")
-            if exists.fetchone() is None:
-                conn.execute("CREATE DATABASE gristmill")
-        return self.url()
 
     def _trusts_everyone(self) -> bool:
         """A data dir made by an earlier release, whose server let anyone in."""

@@ -71,6 +71,18 @@ SELECT id, namespace, kind, script_name, script_hash, tag, priority, input::text
 FROM gristmill_claim_jobs(%s, %s, %s)
 """
 
+# Seconds until the first queued job of these tags is due (negative: one is due now).
+NEXT_DUE = """
+SELECT extract(epoch FROM min(d.scheduled_for) - now())::float8
+FROM unnest(%s::text[]) AS t(tag),
+LATERAL (SELECT scheduled_for FROM jobs
+         WHERE status = 'queued' AND tag = t.tag ORDER BY scheduled_for LIMIT 1) d
+"""
+# ...of any tag, for a worker that serves them all (gristmill dev: a small queue).
+NEXT_DUE_ANY_TAG = """
+SELECT extract(epoch FROM min(scheduled_for) - now())::float8 FROM jobs WHERE status = 'queued'
+"""
+
 # Requeue failed attempts that have attempts left (unless cancelled), then move
 # every other finished attempt to history, in one statement. An outcome only
 # applies while the job is still this worker's and still on that attempt: a

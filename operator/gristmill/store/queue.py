@@ -132,7 +132,8 @@ async def listen(conn: psycopg.AsyncConnection) -> None:
 
 
 async def enqueue(conn: psycopg.AsyncConnection, jobs: Sequence[NewJob]) -> list[uuid.UUID]:
-    """Insert jobs in one statement and wake the workers of their tags at commit."""
+    """Insert jobs in one statement and wake the workers of their tags at commit (those of
+    delayed jobs too: they learn when to claim next)."""
     if not jobs:
         return []
     now = dt.datetime.now(dt.UTC)
@@ -157,9 +158,7 @@ async def enqueue(conn: psycopg.AsyncConnection, jobs: Sequence[NewJob]) -> list
             [j.timeout_s for j in jobs],
         ],
     )
-    due_tags = sorted({j.tag for j in jobs if j.scheduled_for is None or j.scheduled_for <= now})
-    if due_tags:
-        await conn.execute(queries.NOTIFY_JOBS, [due_tags])
+    await conn.execute(queries.NOTIFY_JOBS, [sorted({j.tag for j in jobs})])
     return [j.id for j in jobs]
 
 
@@ -170,6 +169,17 @@ async def claim(
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(queries.CLAIM, [worker_id, list(tags), limit])
     return [_claimed(row) for row in await cur.fetchall()]
+
+
+async def next_due(conn: psycopg.AsyncConnection, tags: Sequence[str]) -> float | None:
+    """Seconds until the next queued job of `tags` is due (at most 0 if one is), or None
+    when none is queued."""
+    if "*" in tags:
+        cur = await conn.execute(queries.NEXT_DUE_ANY_TAG)
+    else:
+        cur = await conn.execute(queries.NEXT_DUE, [list(tags)])
+    (seconds,) = await cur.fetchone()
+    return seconds
 
 
 async def finish(

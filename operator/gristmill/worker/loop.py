@@ -45,6 +45,7 @@ log = logging.getLogger("gristmill.worker")
 
 # How long finished outcomes wait for company before they are written together.
 FINISH_COALESCE_S = 0.002
+MIN_CLAIM_GAP_S = 0.05  # a due job another worker holds locked: do not spin on it
 LOG_FLUSH_INTERVAL_S = 0.2
 # On the way out: how long cancelled jobs may take to stop, and how long to keep trying
 # the last writes (hand back, outcomes, logs) while the database is away.
@@ -68,7 +69,7 @@ class WorkerConfig:
     tags: list[str]  # ["*"] serves every tag
     concurrency: int = 4
     lease: dt.timedelta = dt.timedelta(seconds=30)
-    poll_interval: float = 1.0
+    poll_interval: float = 30.0  # the longest an idle worker goes without a claim
     grace_period: float = 30.0
     stall_after: float = 60.0  # liveness: a loop without success this long is stalled
     health_port: int | None = None  # serve GET /healthz here
@@ -301,7 +302,7 @@ class Worker:
             self.liveness.claiming = True
             self._wakeup.clear()
             try:
-                claimed = await self._claim(free)
+                claimed, due_in = await self._claim(free)
             except connections.TRANSIENT_ERRORS as exc:
                 self.liveness.failed("claim", exc)
                 log.error("claim failed, retrying: %s", exc)
@@ -312,21 +313,29 @@ class Worker:
             for job in claimed:
                 self._start(job)
             if len(claimed) < free:
-                await _wait_any(self._wakeup, self._stopping, timeout=self.config.poll_interval)
+                # Nothing more is due: sleep until the next queued job is (a delayed run,
+                # a retry, a timer) or a wake-up comes, polling only as a last resort.
+                wait = self.config.poll_interval if due_in is None else min(
+                    self.config.poll_interval, max(due_in, MIN_CLAIM_GAP_S))
+                await _wait_any(self._wakeup, self._stopping, timeout=wait)
 
-    async def _claim(self, limit: int) -> list[queue.ClaimedJob]:
+    async def _claim(self, limit: int) -> tuple[list[queue.ClaimedJob], float | None]:
+        """Jobs claimed and, when fewer than `limit`, the seconds until the next is due."""
         # Every worker also completes the flow engine's timers.
         tags = [*self.config.tags, flow_engine.CONTROL_TAG]
+        due_in = None
         async with self._pool.connection() as conn:
             async with conn.transaction():
                 claimed = await queue.claim(conn, self.id, tags, limit)
+            if len(claimed) < limit:
+                due_in = await queue.next_due(conn, tags)
             missing = {j.script_hash for j in claimed if j.script_hash
                        and j.script_hash not in self._plans and j.script_hash not in self._unrunnable}
             if missing:
                 specs = await script_store.get_versions(conn, sorted(missing))
                 for version in missing:
                     self._plan(version, specs.get(version))
-        return claimed
+        return claimed, due_in
 
     def _plan(self, version: str, stored_spec: dict[str, Any] | None) -> None:
         if stored_spec is None:
@@ -430,6 +439,8 @@ class Worker:
             self._outcomes_ready.set()
             raise
         self.liveness.oldest_unfinished = time.monotonic() if self._outcomes else None
+        if any(job.status == "requeued" for job in ended):
+            self._wakeup.set()  # a retry: learn when it is due
         applied = {job.id for job in ended}
         for outcome in batch:
             self._running.pop(outcome.job_id, None)
@@ -561,7 +572,7 @@ class Worker:
 
     async def _listen(self) -> None:
         """Wake-ups and cancellations, over one connection that reconnects when it breaks."""
-        tags = set(self.config.tags)
+        tags = {*self.config.tags, flow_engine.CONTROL_TAG}
         backoff = connections.Backoff(cap=10)
         while True:
             try:

@@ -6,6 +6,9 @@
 CREATE INDEX jobs_claimable_by_namespace ON jobs (tag, namespace, priority DESC, scheduled_for)
     WHERE status = 'queued';
 DROP INDEX jobs_claimable;
+-- When the next queued job of a tag is due (a delayed run, a retry's backoff, a timer):
+-- idle workers sleep until then instead of polling.
+CREATE INDEX jobs_queued_by_due_time ON jobs (tag, scheduled_for) WHERE status = 'queued';
 
 -- Every job is inserted, updated twice (claimed, finished or requeued) and deleted within
 -- seconds: leave room on each page for the new row versions and vacuum early and often,

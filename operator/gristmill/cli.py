@@ -281,15 +281,40 @@ def _retention_arg(p: argparse.ArgumentParser) -> None:
                         "(%(default)s)")
 
 
+def _access_settings(args: argparse.Namespace):
+    from gristmill.api.access import AccessSettings
+
+    token = None
+    if args.authentication == "token":
+        if not args.token_file:
+            raise UsageError("--authentication token needs --token-file FILE (a random "
+                             "token of 16 characters or more)")
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --token-file {args.token_file}: "
+                             f"{exc.strerror}") from exc
+        if len(token) < 16:
+            raise UsageError(f"the token in {args.token_file} is shorter than 16 characters")
+    return AccessSettings(authentication=args.authentication, token=token,
+                          audiences=tuple(args.audience or ()), kubeconfig=args.kubeconfig,
+                          metrics_need_auth=args.metrics_need_auth)
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     from gristmill.api.app import ApiSettings
+    from gristmill.api.crosssite import SiteSettings
+    from gristmill.api.reviewers import AccessMisconfigured
     from gristmill.api.server import serve
     from gristmill.housekeeping import run_housekeeping
 
     url = _database_url(args)
     settings = ApiSettings(database_url=url, pool_size=args.pool_size,
                            database_retry_s=args.database_retry,
-                           follow_fallback_s=args.follow_fallback_interval)
+                           follow_fallback_s=args.follow_fallback_interval,
+                           access=_access_settings(args),
+                           site=SiteSettings(tuple(args.allowed_origin or ()),
+                                             tuple(args.allowed_host or ())))
 
     async def main(stop: asyncio.Event) -> None:
         if not await _migrate_when_reachable(url, stop):
@@ -297,6 +322,8 @@ def cmd_api(args: argparse.Namespace) -> int:
         housekeeping = asyncio.create_task(run_housekeeping(url, args.retention, stop))
         try:
             await serve(settings, args.host, args.port, stop)
+        except AccessMisconfigured as exc:
+            raise UsageError(str(exc)) from None
         finally:
             stop.set()
             await housekeeping
@@ -483,6 +510,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-fallback-interval", type=float, default=30.0, metavar="SECONDS",
                    help="followed logs are woken by notifications; without one they are "
                         "re-read this often (%(default)s)")
+    p.add_argument("--authentication", choices=["kubernetes", "token"], default="kubernetes",
+                   help="kubernetes: bearer tokens checked with TokenReview, actions with "
+                        "SubjectAccessReview (as the pod's ServiceAccount or --kubeconfig); "
+                        "token: one local token (--token-file) that may do everything")
+    p.add_argument("--token-file", help="with --authentication token: the file holding it")
+    p.add_argument("--audience", action="append",
+                   help="accept only tokens meant for this audience (repeatable; default: "
+                        "the API server's own, what kubectl and exec plugins hand out)")
+    p.add_argument("--kubeconfig", help="review tokens as this kubeconfig's user instead of "
+                                        "the pod's ServiceAccount")
+    p.add_argument("--metrics-need-auth", action="store_true",
+                   help="GET /metrics needs a token allowed `get` on the non-resource URL "
+                        "/metrics (default: open, like /healthz)")
+    p.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
+                   help="a browser origin besides the API's own that may call it, e.g. "
+                        "https://ui.example.com (repeatable)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a name the API may be addressed by (Host), besides IP addresses and "
+                        "localhost; *.example.com for a whole domain (repeatable)")
     _retention_arg(p)
     p.set_defaults(func=cmd_api)
 

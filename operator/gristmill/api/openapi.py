@@ -103,6 +103,9 @@ SCHEMAS: dict[str, Any] = {
             "attempts": {"type": ["integer", "null"]},
             "job": _NULLABLE_ID,
             "childRun": _NULLABLE_ID,
+            "approvedBy": {"type": ["string", "null"],
+                           "description": "Who approved this suspended step (the "
+                                          "authenticated username)"},
             "startedAt": _NULLABLE_TIME,
             "finishedAt": _NULLABLE_TIME,
             "durationMs": {"type": ["number", "null"]},

@@ -289,9 +289,10 @@ async def test_an_unreachable_api_server_is_a_503_with_retry_after(database_url,
     settings = ApiSettings(database_url, access=AccessSettings(kubeconfig=str(config),
                                                                review_timeout_s=2))
     async with api_in_process(settings) as url, aiohttp.ClientSession() as session:
-        async with session.get(f"{url}/api/v1/flows", headers=_as("some-token")) as response:
-            assert response.status == 503 and response.headers["Retry-After"]
-            assert "cannot reach the Kubernetes API server" in (await response.json())["error"]
+        api = Api(url, FakeKubernetes(), session, "")
+        status, headers, answer = await api.call("GET", "/api/v1/flows", "some-token")
+        assert status == 503 and headers["Retry-After"]
+        assert "cannot reach the Kubernetes API server" in answer["error"]
 
 
 async def test_an_api_without_review_rights_says_which_role_it_lacks(api):

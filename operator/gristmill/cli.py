@@ -50,6 +50,14 @@ def _read_input(args: argparse.Namespace) -> dict[str, Any]:
     return value
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """A client of --server that sends the caller's credentials (gristmill.credentials)."""
+    from gristmill.credentials import resolve
+
+    credentials = resolve(args.server, args.token, os.environ)
+    return Client(args.server, token=credentials.token, token_source=credentials.source)
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=False))
 
@@ -66,7 +74,7 @@ def _report_failure(client: Client, run: dict[str, Any]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    client = Client(args.server)
+    client = _client(args)
     body: dict[str, Any] = {"input": _read_input(args)}
     if args.priority is not None:
         body["priority"] = args.priority
@@ -110,7 +118,7 @@ def _print_steps(steps: list[dict[str, Any]], depth: int = 0) -> None:
 
 
 def cmd_get_run(args: argparse.Namespace) -> int:
-    run = Client(args.server).get_run(args.run_id)
+    run = _client(args).get_run(args.run_id)
     if args.output == "json":
         _print_json(run)
         return 0
@@ -140,28 +148,27 @@ def cmd_get_run(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    for chunk in Client(args.server).logs(args.run_id, follow=args.follow):
+    for chunk in _client(args).logs(args.run_id, follow=args.follow):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    answer = Client(args.server).cancel(args.run_id)
+    answer = _client(args).cancel(args.run_id)
     print(f"run {answer['id']} {answer['status']}")
     return 0
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
     approve = args.command == "approve"
-    who = args.by or os.environ.get("USER") or "cli"
-    answer = Client(args.server).decide(args.run_id, approve, args.step, who)
+    answer = _client(args).decide(args.run_id, approve, args.step)
     print(f"run {answer['id']}: step {answer['step']} {answer['decision']}")
     return 0
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    answer = Client(args.server).restart(args.run_id, args.from_step)
+    answer = _client(args).restart(args.run_id, args.from_step)
     print(answer["id"])
     return 0
 
@@ -389,7 +396,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     options = DevOptions(
         paths=args.paths, database_url=args.database_url or os.environ.get("GRISTMILL_DATABASE_URL"),
         data_dir=Path(args.data_dir), workers=args.workers or os.cpu_count() or 1,
-        host=args.host, port=args.port, retention=args.retention,
+        host=args.host, port=args.port, retention=args.retention, environ=os.environ,
     )
     return _run_until_signalled(lambda stop: run_dev(options, stop))
 
@@ -402,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     def client_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", default=default_server(),
                        help="API URL (env GRISTMILL_SERVER, default %(default)s)")
+        p.add_argument("--token", help="bearer token to send (env GRISTMILL_TOKEN; default: "
+                                       "a local gristmill dev's own, else the current "
+                                       "kubeconfig's credentials)")
 
     def db_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--database-url", help="PostgreSQL URL (env GRISTMILL_DATABASE_URL)")
@@ -454,7 +464,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=f"{verb} a flow run's suspended step")
         p.add_argument("run_id")
         p.add_argument("--step", help="the suspended step's path, when several wait")
-        p.add_argument("--by", help="who decides (default: $USER)")
         client_args(p)
         p.set_defaults(func=cmd_decide)
 

@@ -97,3 +97,40 @@ def kubeconfig(directory: Path, server: str) -> Path:
         "contexts": [{"name": "api", "context": {"cluster": "fake", "user": "api"}}],
     }))
     return path
+
+
+def manifests(namespace: str) -> str:
+    """Two Scripts and three gated Flows: one open, one four-eyes, one for finance."""
+    return f"""
+---
+apiVersion: gristmill.io/v1alpha1
+kind: Script
+metadata: {{name: hello, namespace: {namespace}}}
+spec: {{language: python, code: "def main(name: str = 'world'):\\n    return name\\n"}}
+---
+apiVersion: gristmill.io/v1alpha1
+kind: Script
+metadata: {{name: other, namespace: {namespace}}}
+spec: {{language: python, code: "def main():\\n    return 1\\n"}}
+---
+apiVersion: gristmill.io/v1alpha1
+kind: Flow
+metadata: {{name: gated, namespace: {namespace}}}
+spec:
+  steps:
+    - {{id: gate, suspend: {{timeout: 1h}}}}
+---
+apiVersion: gristmill.io/v1alpha1
+kind: Flow
+metadata: {{name: four-eyes, namespace: {namespace}}}
+spec:
+  steps:
+    - {{id: gate, suspend: {{timeout: 1h, forbidSubmitter: true}}}}
+---
+apiVersion: gristmill.io/v1alpha1
+kind: Flow
+metadata: {{name: finance-only, namespace: {namespace}}}
+spec:
+  steps:
+    - {{id: gate, suspend: {{timeout: 1h, approvers: {{groups: [finance], users: [cfo]}}}}}}
+"""

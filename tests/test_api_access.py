@@ -6,9 +6,11 @@ permission is granted; answers are cached; approvals are the caller's own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,42 +24,10 @@ from gristmill.auth.authn import TokenCacheSettings
 from gristmill.auth.authz import AccessCacheSettings
 from gristmill.auth.cache import ExpiringCache
 from tests.apikit import api_in_process, free_port
-from tests.reviewkit import FakeKubernetes, kubeconfig
+from tests.reviewkit import FakeKubernetes, kubeconfig, manifests
 
 NS = "team-a"
-MANIFESTS = f"""
----
-apiVersion: gristmill.io/v1alpha1
-kind: Script
-metadata: {{name: hello, namespace: {NS}}}
-spec: {{language: python, code: "def main(name: str = 'world'):\\n    return name\\n"}}
----
-apiVersion: gristmill.io/v1alpha1
-kind: Script
-metadata: {{name: other, namespace: {NS}}}
-spec: {{language: python, code: "def main():\\n    return 1\\n"}}
----
-apiVersion: gristmill.io/v1alpha1
-kind: Flow
-metadata: {{name: gated, namespace: {NS}}}
-spec:
-  steps:
-    - {{id: gate, suspend: {{timeout: 1h}}}}
----
-apiVersion: gristmill.io/v1alpha1
-kind: Flow
-metadata: {{name: four-eyes, namespace: {NS}}}
-spec:
-  steps:
-    - {{id: gate, suspend: {{timeout: 1h, forbidSubmitter: true}}}}
----
-apiVersion: gristmill.io/v1alpha1
-kind: Flow
-metadata: {{name: finance-only, namespace: {NS}}}
-spec:
-  steps:
-    - {{id: gate, suspend: {{timeout: 1h, approvers: {{groups: [finance], users: [cfo]}}}}}}
-"""
+MANIFESTS = manifests(NS)
 LATER = {"scheduledFor": "2999-01-01T00:00:00Z"}  # stays queued: no worker runs here
 
 
@@ -97,16 +67,27 @@ def grant_everything(fake: FakeKubernetes, user: str) -> None:
         fake.allow(user, verb, resource, NS)
 
 
-@pytest.fixture
-async def api(database_url, tmp_path):
+@contextlib.asynccontextmanager
+async def running_api(database_url: str, directory: Path,
+                      access: AccessSettings | None = None,
+                      site: SiteSettings | None = None) -> AsyncIterator[Api]:
+    """The manifests applied, the API reviewing with a fresh stand-in, an admin in NS."""
     await apply_yaml_at(database_url, MANIFESTS)
     fake = FakeKubernetes()
     admin = fake.add_user("admin")
     grant_everything(fake, "admin")
-    async with fake.serving(tmp_path) as config:
-        settings = ApiSettings(database_url, access=AccessSettings(kubeconfig=str(config)))
+    async with fake.serving(directory) as config:
+        settings = ApiSettings(database_url, site=site or SiteSettings(),
+                               access=dataclasses.replace(access or AccessSettings(),
+                                                          kubeconfig=str(config)))
         async with api_in_process(settings) as url, aiohttp.ClientSession() as session:
             yield Api(url, fake, session, admin)
+
+
+@pytest.fixture
+async def api(database_url, tmp_path):
+    async with running_api(database_url, tmp_path) as running:
+        yield running
 
 
 # --- every route -------------------------------------------------------------------------
@@ -242,34 +223,27 @@ async def test_probes_and_metrics_need_no_token_and_get_the_security_headers(api
 # --- caching -------------------------------------------------------------------------------
 
 async def test_reviews_are_cached_briefly_then_asked_again(database_url, tmp_path):
-    await apply_yaml_at(database_url, MANIFESTS)
-    fake = FakeKubernetes()
-    admin = fake.add_user("admin")
-    grant_everything(fake, "admin")
     access = AccessSettings(
         token_cache=TokenCacheSettings(authenticated_ttl_s=1.0, unauthenticated_ttl_s=1.0),
         access_cache=AccessCacheSettings(allowed_ttl_s=1.0, denied_ttl_s=1.0))
-    async with fake.serving(tmp_path) as config:
-        settings = ApiSettings(database_url, access=dataclasses.replace(
-            access, kubeconfig=str(config)))
-        async with api_in_process(settings) as url, aiohttp.ClientSession() as session:
-            api = Api(url, fake, session, admin)
-            run = await api.submit("scripts", "hello", body=LATER)
-            fake.token_reviews.clear()
-            fake.access_reviews.clear()
-            for _ in range(3):
-                assert (await api.call("GET", f"/api/v1/runs/{run}", admin))[0] == 200
-                assert (await api.call("GET", f"/api/v1/runs/{run}", "bad-token"))[0] == 401
-            # One review per token and one per permission, not per request (admin's token
-            # is known from the submit).
-            assert [r["token"] for r in fake.token_reviews] == ["bad-token"]
-            assert len(fake.access_reviews) == 1
-            # A grant removed is seen once the cached answer expires.
-            fake.grants.clear()
-            await asyncio.sleep(1.2)
-            assert (await api.call("GET", f"/api/v1/runs/{run}", admin))[0] == 404
-            assert [r["token"] for r in fake.token_reviews] == ["bad-token", admin]
-            assert len(fake.access_reviews) == 2
+    async with running_api(database_url, tmp_path, access) as api:
+        fake, admin = api.fake, api.admin
+        run = await api.submit("scripts", "hello", body=LATER)
+        fake.token_reviews.clear()
+        fake.access_reviews.clear()
+        for _ in range(3):
+            assert (await api.call("GET", f"/api/v1/runs/{run}", admin))[0] == 200
+            assert (await api.call("GET", f"/api/v1/runs/{run}", "bad-token"))[0] == 401
+        # One review per token and one per permission, not per request (admin's token
+        # is known from the submit).
+        assert [r["token"] for r in fake.token_reviews] == ["bad-token"]
+        assert len(fake.access_reviews) == 1
+        # A grant removed is seen once the cached answer expires.
+        fake.grants.clear()
+        await asyncio.sleep(1.2)
+        assert (await api.call("GET", f"/api/v1/runs/{run}", admin))[0] == 404
+        assert [r["token"] for r in fake.token_reviews] == ["bad-token", admin]
+        assert len(fake.access_reviews) == 2
 
 
 def test_the_cache_stays_within_its_size_and_forgets_expired_entries():
@@ -352,41 +326,34 @@ async def test_a_gate_for_given_groups_refuses_everyone_else(api):
 # --- cross-site ----------------------------------------------------------------------------
 
 async def test_cross_site_requests_and_foreign_hosts_are_refused(database_url, tmp_path):
-    await apply_yaml_at(database_url, MANIFESTS)
-    fake = FakeKubernetes()
-    admin = fake.add_user("admin")
-    grant_everything(fake, "admin")
-    async with fake.serving(tmp_path) as config:
-        settings = ApiSettings(
-            database_url, access=AccessSettings(kubeconfig=str(config)),
-            site=SiteSettings(allowed_origins=("https://ui.example.com",),
-                              allowed_hosts=("gristmill.example.com", "*.svc.cluster.local")))
-        async with api_in_process(settings) as url, aiohttp.ClientSession() as session:
-            api = Api(url, fake, session, admin)
-            flows = f"/api/v1/flows?namespace={NS}"
-            port = url.rsplit(":", 1)[1]
-            for origin in ("https://evil.example", "null"):
-                status, _, answer = await api.call("GET", flows, admin,
-                                                   headers={"Origin": origin})
-                assert status == 403 and "cross-site" in answer["error"]
-            status, _, _ = await api.call("GET", flows, admin,
-                                          headers={"Sec-Fetch-Site": "cross-site"})
-            assert status == 403
-            for origin in ("https://ui.example.com", f"http://127.0.0.1:{port}"):
-                assert (await api.call("GET", flows, admin, headers={"Origin": origin}))[0] == 200
-            for host in ("evil.example", "rebound.example.com:80"):
-                status, _, answer = await api.call("GET", flows, admin, headers={"Host": host})
-                assert status == 400 and "allowedHosts" in answer["error"]
-            for host in ("gristmill.example.com", "api.ns.svc.cluster.local:8080", "10.1.2.3",
-                         "[fd00::1]:8080", "localhost:8080"):
-                assert (await api.call("GET", flows, admin, headers={"Host": host}))[0] == 200
-            # A form or text/plain POST, the kind a page elsewhere can send, is refused.
-            run = await api.submit("scripts", "hello", body=LATER)
-            for media in ("text/plain", "application/x-www-form-urlencoded"):
-                async with session.post(f"{url}/api/v1/runs/{run}/cancel", data=b"{}",
-                                        headers={**_as(admin), "Content-Type": media}) as r:
-                    assert r.status == 415
-            _, headers, _ = await api.call("GET", f"/api/v1/runs/{run}", None)
-            assert all(headers[name] == value for name, value in SECURITY_HEADERS.items())
-            async with session.get(f"{url}/api/v1/runs/{run}/logs", headers=_as(admin)) as r:
-                assert r.status == 200 and r.headers["X-Content-Type-Options"] == "nosniff"
+    site = SiteSettings(allowed_origins=("https://ui.example.com",),
+                        allowed_hosts=("gristmill.example.com", "*.svc.cluster.local"))
+    async with running_api(database_url, tmp_path, site=site) as api:
+        url, session, admin = api.url, api.session, api.admin
+        flows = f"/api/v1/flows?namespace={NS}"
+        port = url.rsplit(":", 1)[1]
+        for origin in ("https://evil.example", "null"):
+            status, _, answer = await api.call("GET", flows, admin,
+                                               headers={"Origin": origin})
+            assert status == 403 and "cross-site" in answer["error"]
+        status, _, _ = await api.call("GET", flows, admin,
+                                      headers={"Sec-Fetch-Site": "cross-site"})
+        assert status == 403
+        for origin in ("https://ui.example.com", f"http://127.0.0.1:{port}"):
+            assert (await api.call("GET", flows, admin, headers={"Origin": origin}))[0] == 200
+        for host in ("evil.example", "rebound.example.com:80"):
+            status, _, answer = await api.call("GET", flows, admin, headers={"Host": host})
+            assert status == 400 and "allowedHosts" in answer["error"]
+        for host in ("gristmill.example.com", "api.ns.svc.cluster.local:8080", "10.1.2.3",
+                     "[fd00::1]:8080", "localhost:8080"):
+            assert (await api.call("GET", flows, admin, headers={"Host": host}))[0] == 200
+        # A form or text/plain POST, the kind a page elsewhere can send, is refused.
+        run = await api.submit("scripts", "hello", body=LATER)
+        for media in ("text/plain", "application/x-www-form-urlencoded"):
+            async with session.post(f"{url}/api/v1/runs/{run}/cancel", data=b"{}",
+                                    headers={**_as(admin), "Content-Type": media}) as r:
+                assert r.status == 415
+        _, headers, _ = await api.call("GET", f"/api/v1/runs/{run}", None)
+        assert all(headers[name] == value for name, value in SECURITY_HEADERS.items())
+        async with session.get(f"{url}/api/v1/runs/{run}/logs", headers=_as(admin)) as r:
+            assert r.status == 200 and r.headers["X-Content-Type-Options"] == "nosniff"

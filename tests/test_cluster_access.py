@@ -16,29 +16,12 @@ from flowkit import apply_yaml_at
 from gristmill.api.access import AccessSettings
 from gristmill.api.app import ApiSettings
 from tests.apikit import api_in_process
+from tests.reviewkit import manifests
 
 pytestmark = pytest.mark.timeout(180)
 API_NAMESPACE = "gristmill-authz"
 TEAM = "authz-a"
-MANIFESTS = f"""
----
-apiVersion: gristmill.io/v1alpha1
-kind: Script
-metadata: {{name: hello, namespace: {TEAM}}}
-spec: {{language: python, code: "def main():\\n    return 1\\n"}}
----
-apiVersion: gristmill.io/v1alpha1
-kind: Script
-metadata: {{name: other, namespace: {TEAM}}}
-spec: {{language: python, code: "def main():\\n    return 2\\n"}}
----
-apiVersion: gristmill.io/v1alpha1
-kind: Flow
-metadata: {{name: four-eyes, namespace: {TEAM}}}
-spec:
-  steps:
-    - {{id: gate, suspend: {{timeout: 1h, forbidSubmitter: true}}}}
-"""
+MANIFESTS = manifests(TEAM)
 LATER = {"scheduledFor": "2999-01-01T00:00:00Z"}  # no worker here: it stays queued
 
 

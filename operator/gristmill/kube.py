@@ -55,6 +55,10 @@ def kubeconfig_bearer_token(kubeconfig: str | None = None, context: str | None =
                                 context=context, client_configuration=configuration)
     except (config.ConfigException, OSError) as exc:
         raise ClusterUnavailable(f"no usable kubeconfig ({exc})") from exc
-    header = (configuration.api_key or {}).get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    # Whatever the client library names its setting (BearerToken, authorization), the
+    # header it would send; auth_settings() also runs an exec plugin's refresh hook.
+    header = next((setting["value"] for setting in configuration.auth_settings().values()
+                   if setting.get("key", "").lower() == "authorization" and setting.get("value")),
+                  "")
+    scheme, _, token = str(header).partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None

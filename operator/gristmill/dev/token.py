@@ -53,16 +53,11 @@ def forget(port: int, data_dir: Path, environ: Mapping[str, str]) -> None:
             entry.unlink()
 
 
-def find(port: int, environ: Mapping[str, str], cwd: Path | None = None) -> str | None:
+def find(port: int, environ: Mapping[str, str]) -> str | None:
     """The token of the `gristmill dev` serving `port` on this machine, if this user runs
-    one: by the registry, else in ./.gristmill (dev's default data dir)."""
-    candidates = []
+    one. (Only by the registry: a loopback port may as well be a port-forward to a
+    cluster's API, which must get the kubeconfig's credentials, not dev's token.)"""
     with contextlib.suppress(OSError):
-        candidates.append(Path(_entry(environ, port).read_text().strip()) / TOKEN_FILE)
-    candidates.append((cwd or Path.cwd()) / ".gristmill" / TOKEN_FILE)
-    for path in candidates:
-        with contextlib.suppress(OSError):
-            token = path.read_text().strip()
-            if token:
-                return token
+        data_dir = Path(_entry(environ, port).read_text().strip())
+        return (data_dir / TOKEN_FILE).read_text().strip() or None
     return None

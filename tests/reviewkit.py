@@ -48,6 +48,9 @@ class FakeKubernetes:
         self.grants.add(Grant(user, verb, resource, namespace, name))
 
     def _allowed(self, spec: dict) -> bool:
+        if "nonResourceAttributes" in spec:  # a URL such as /metrics: a grant of that path
+            url = spec["nonResourceAttributes"]
+            return Grant(spec["user"], url["verb"], url["path"], "") in self.grants
         attributes = spec["resourceAttributes"]
         resource = attributes["resource"] + (
             f"/{attributes['subresource']}" if attributes.get("subresource") else "")

@@ -15,13 +15,22 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from flowkit import apply_yaml_at
 
-from gristmill.api.access import AccessSettings, Open
+from gristmill.api.access import (
+    GATE,
+    AccessSettings,
+    Authenticated,
+    Gate,
+    Open,
+    access_middleware,
+)
 from gristmill.api.app import ROUTES, ApiSettings
 from gristmill.api.crosssite import SECURITY_HEADERS, SiteSettings
-from gristmill.auth.authn import TokenCacheSettings
-from gristmill.auth.authz import AccessCacheSettings
+from gristmill.api.identity import CALLER, Caller
+from gristmill.auth.authn import StaticTokenAuthenticator, TokenCacheSettings
+from gristmill.auth.authz import AccessCacheSettings, LocalAuthorizer
 from gristmill.auth.cache import ExpiringCache
 from tests.apikit import api_in_process, free_port
 from tests.reviewkit import FakeKubernetes, kubeconfig, manifests
@@ -218,6 +227,49 @@ async def test_probes_and_metrics_need_no_token_and_get_the_security_headers(api
         for name, value in SECURITY_HEADERS.items():
             assert headers[name] == value, (path, name)
     assert not api.fake.token_reviews
+
+
+async def test_metrics_can_be_made_to_need_a_token_allowed_to_read_them(database_url,
+                                                                         tmp_path):
+    access = AccessSettings(metrics_need_auth=True)
+    async with running_api(database_url, tmp_path, access) as api:
+        prometheus, stranger = api.fake.add_user("prometheus"), api.fake.add_user("stranger")
+        api.fake.allow("prometheus", "get", "/metrics", "")
+        assert (await api.call("GET", "/metrics", None))[0] == 401
+        status, _, answer = await api.call("GET", "/metrics", stranger)
+        assert status == 403 and "may not get /metrics" in answer["error"], answer
+        assert "nonResourceURLs: [/metrics]" in answer["error"]
+        status, _, text = await api.call("GET", "/metrics", prometheus)
+        assert status == 200 and "gristmill" in text
+        assert (await api.call("GET", "/healthz", None))[0] == 200
+
+
+async def test_the_caller_and_where_it_called_from_are_on_the_request():
+    """What the audit of a change reads: request[CALLER], with the peer's address."""
+    seen: list[Caller] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request[CALLER])
+        return web.json_response({})
+
+    token = "a-local-token-for-this-test"
+    authenticator = StaticTokenAuthenticator(token)
+    app = web.Application(middlewares=[access_middleware])
+    app[GATE] = Gate(authenticator, LocalAuthorizer(authenticator.caller.username),
+                     lambda: None, {("GET", "/who"): Authenticated()})
+    app.router.add_get("/who", record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://127.0.0.1:{port}/who", headers=_as(token)) as response:
+            assert response.status == 200
+    finally:
+        await runner.cleanup()
+    assert seen == [Caller("gristmill-dev", groups=("system:masters", "system:authenticated"),
+                           source="127.0.0.1")]
 
 
 # --- caching -------------------------------------------------------------------------------

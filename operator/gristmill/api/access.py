@@ -140,6 +140,11 @@ def _bearer_token(request: web.Request) -> str:
 
 
 def forbidden(caller: Caller, permission: Permission) -> RunError:
+    if permission.path:
+        return RunError(403, f"you ({caller.username}) may not {permission.phrase()}: bind a "
+                             f"ClusterRole with nonResourceURLs: [{permission.path}], verbs: "
+                             f"[{permission.verb}]; check with "
+                             f"`{permission.can_i(caller.username)}`")
     roles = roles_granting(permission)
     role = roles[0] if roles else "gristmill-admin"
     where = f"in namespace {permission.namespace}" if permission.namespace else "cluster-wide"

@@ -1,9 +1,10 @@
 """The HTTP API (aiohttp): submit runs, read them back, follow logs, cancel, metrics.
 
 Every route is in ROUTES, with what a caller needs to call it (api/access.py), and
-documented in /api/v1/openapi.json (api/openapi.py; a test keeps the two equal). A mistake in a request gets a 4xx with
-{"error": "what is wrong and how to fix it"}; a database that is away for longer than
-a retry can hide gets a 503 with Retry-After; nothing a request sends gets a 500.
+documented in /api/v1/openapi.json (api/openapi.py; a test keeps the two equal). A
+mistake in a request gets a 4xx with {"error": "what is wrong and how to fix it"}; a
+database (or, for credentials, a Kubernetes API server) that is away for longer than a
+retry can hide gets a 503 with Retry-After; nothing a request sends gets a 500.
 """
 
 from __future__ import annotations

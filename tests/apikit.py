@@ -37,6 +37,13 @@ def settings(database_url: str, **options) -> ApiSettings:
     return ApiSettings(database_url, access=LOCAL_ACCESS, **options)
 
 
+def local_token_args(directory: Path) -> list[str]:
+    """`gristmill api` arguments that make it take TOKEN (kept in a file in `directory`)."""
+    token_file = directory / "api-token"
+    token_file.write_text(TOKEN)
+    return ["--authentication", "token", "--token-file", str(token_file)]
+
+
 def session(**options) -> aiohttp.ClientSession:
     """A client session that sends the local token."""
     return aiohttp.ClientSession(headers=AUTH, **options)
@@ -76,12 +83,10 @@ def api_process(database_url: str, *extra: str, log_path: Path | None = None
     port = free_port()
     out = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
     token_dir = tempfile.TemporaryDirectory()
-    token_file = Path(token_dir.name) / "token"
-    token_file.write_text(TOKEN)
     process = subprocess.Popen(
         [sys.executable, "-m", "gristmill.cli", "api", "--database-url", database_url,
-         "--host", "127.0.0.1", "--port", str(port), "--authentication", "token",
-         "--token-file", str(token_file), *extra],
+         "--host", "127.0.0.1", "--port", str(port),
+         *local_token_args(Path(token_dir.name)), *extra],
         stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:

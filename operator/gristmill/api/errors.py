@@ -12,7 +12,7 @@ from aiohttp import web
 from gristmill.api.access import Unauthenticated
 from gristmill.api.database import DatabaseUnavailable
 from gristmill.api.runs import RunError
-from gristmill.auth.reviews import ReviewUnavailable
+from gristmill.auth.problems import ReviewUnavailable
 from gristmill.flows.engine import FlowError
 from gristmill.values import ValueProblem
 

@@ -11,11 +11,13 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gristmill.api.identity import Caller
 from gristmill.auth.cache import ExpiringCache
-from gristmill.auth.reviews import KubernetesReviews
+
+if TYPE_CHECKING:  # the kubernetes client loads only where a cluster is asked
+    from gristmill.auth.reviews import KubernetesReviews
 
 # The local token's caller: an administrator of everything, as the one user of a laptop.
 DEV_USERNAME = "gristmill-dev"

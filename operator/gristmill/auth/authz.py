@@ -6,12 +6,14 @@ removed RoleBinding takes effect within a minute)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gristmill.api.identity import Caller
 from gristmill.auth.cache import ExpiringCache
 from gristmill.auth.permissions import GROUP, Permission
-from gristmill.auth.reviews import KubernetesReviews
+
+if TYPE_CHECKING:  # the kubernetes client loads only where a cluster is asked
+    from gristmill.auth.reviews import KubernetesReviews
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,7 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-
-class ReviewUnavailable(Exception):
-    """The API server could not answer a review; the message says why and what to do."""
-
-    def __init__(self, message: str, retry_after: int = 2):
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-
+from gristmill.auth.problems import ReviewUnavailable
 
 _FIX_RIGHTS = ("give the API's ServiceAccount the chart's gristmill-api ClusterRole "
                "(create on tokenreviews and subjectaccessreviews)")

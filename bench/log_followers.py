@@ -17,6 +17,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from gristmill.store import logs
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW_S = 10.0
+TOKEN = "bench-local-token-0123456789"  # the API takes one local token (--authentication token)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STATS_FLUSH_S = 11.0
 
 
@@ -52,13 +55,13 @@ async def measure(pid: int, conn: psycopg.AsyncConnection) -> tuple[float, float
 
 
 async def bench(url: str, api: str, pid: int, followers: int) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session, \
+    async with aiohttp.ClientSession(headers=AUTH) as session, \
             await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         async with session.post(f"{api}/api/v1/namespaces/default/scripts/hello/runs",
                                 json={}) as response:
             run_id = (await response.json())["id"]
         connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as clients:
+        async with aiohttp.ClientSession(connector=connector, headers=AUTH) as clients:
             streams = [await clients.get(f"{api}/api/v1/runs/{run_id}/logs?follow=1")
                        for _ in range(followers)]
             await asyncio.sleep(2)
@@ -95,9 +98,12 @@ async def main() -> None:
             port = 18000 + n % 1000
             env = {**os.environ, "PYTHONPATH": str(args.tree / "operator"),
                    "GRISTMILL_LOG_LEVEL": "WARNING"}
+            token_file = Path(tempfile.mkdtemp(prefix="gristmill-bench-")) / "api-token"
+            token_file.write_text(TOKEN)
             api = subprocess.Popen(
                 [sys.executable, "-m", "gristmill.cli", "api", "--database-url", url,
-                 "--host", "127.0.0.1", "--port", str(port)], env=env)
+                 "--host", "127.0.0.1", "--port", str(port), "--authentication", "token",
+                 "--token-file", str(token_file)], env=env)
             try:
                 await asyncio.sleep(3)
                 result = await bench(url, f"http://127.0.0.1:{port}", api.pid, n)

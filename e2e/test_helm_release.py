@@ -46,9 +46,32 @@ def api(k8s):
             return False
     try:
         _wait(healthy, timeout=60)
-        yield Client(url)
+        yield Client(url, token=_runner_token(k8s), token_source="the e2e runner's token")
     finally:
         forward.terminate()
+
+
+def _runner_token(k8s) -> str:
+    """A ServiceAccount bound to the chart's gristmill-runner role in the release's
+    namespace: kind's kubeconfig holds a client certificate, which the API cannot take."""
+    core, rbac = k8s.CoreV1Api(), k8s.RbacAuthorizationV1Api()
+    name = "e2e-runner"
+    for create, body in (
+            (core.create_namespaced_service_account, {"metadata": {"name": name}}),
+            (rbac.create_namespaced_role_binding, {
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                            "name": "gristmill-runner"},
+                "subjects": [{"kind": "ServiceAccount", "name": name,
+                              "namespace": RELEASE_NAMESPACE}]})):
+        try:
+            create(RELEASE_NAMESPACE, body)
+        except k8s.exceptions.ApiException as exc:
+            if exc.status != 409:  # it exists from an earlier run
+                raise
+    answer = core.create_namespaced_service_account_token(
+        name, RELEASE_NAMESPACE, {"spec": {"expirationSeconds": 3600}})
+    return answer.status.token
 
 
 def _create_script(k8s, script: dict) -> None:

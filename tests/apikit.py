@@ -1,5 +1,9 @@
 """Helpers for API tests: a real API server on loopback (in this process, or as a
-`gristmill api` process), the examples applied, raw HTTP requests."""
+`gristmill api` process), the examples applied, raw HTTP requests.
+
+Both servers take one local token (TOKEN, whose caller may do everything; the API's own
+tests of who may do what are tests/test_api_access.py); `session()` and
+`api_process(...)`'s environment send it."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -17,10 +22,31 @@ import aiohttp
 import psycopg
 from aiohttp import web
 
+from gristmill.api.access import AccessSettings
 from gristmill.api.app import ApiSettings, create_app
 from gristmill.dev.manifests import apply_manifests
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
+TOKEN = "apikit-local-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+LOCAL_ACCESS = AccessSettings(authentication="token", token=TOKEN)
+
+
+def settings(database_url: str, **options) -> ApiSettings:
+    """The API's settings for a test: the local token, and `options`."""
+    return ApiSettings(database_url, access=LOCAL_ACCESS, **options)
+
+
+def local_token_args(directory: Path) -> list[str]:
+    """`gristmill api` arguments that make it take TOKEN (kept in a file in `directory`)."""
+    token_file = directory / "api-token"
+    token_file.write_text(TOKEN)
+    return ["--authentication", "token", "--token-file", str(token_file)]
+
+
+def session(**options) -> aiohttp.ClientSession:
+    """A client session that sends the local token."""
+    return aiohttp.ClientSession(headers=AUTH, **options)
 
 
 def free_port() -> int:
@@ -56,9 +82,11 @@ def api_process(database_url: str, *extra: str, log_path: Path | None = None
     output goes to `log_path` (read it to look for tracebacks)."""
     port = free_port()
     out = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    token_dir = tempfile.TemporaryDirectory()
     process = subprocess.Popen(
         [sys.executable, "-m", "gristmill.cli", "api", "--database-url", database_url,
-         "--host", "127.0.0.1", "--port", str(port), *extra],
+         "--host", "127.0.0.1", "--port", str(port),
+         *local_token_args(Path(token_dir.name)), *extra],
         stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -78,6 +106,7 @@ def api_process(database_url: str, *extra: str, log_path: Path | None = None
             process.wait(timeout=30)
         if log_path:
             out.close()
+        token_dir.cleanup()
 
 
 async def raw_request(session: aiohttp.ClientSession, method: str, url: str,

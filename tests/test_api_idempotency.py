@@ -7,11 +7,10 @@ import asyncio
 import json
 import uuid
 
-import aiohttp
 import pytest
 
-from gristmill.api.app import ApiSettings
 from gristmill.store import idempotency
+from tests import apikit
 from tests.apikit import api_in_process, apply_examples, raw_request
 from tests.flowkit import apply_yaml
 
@@ -29,7 +28,7 @@ async def api(database_url, db):
         metadata: {name: hello, namespace: team-b}
         spec: {language: python, code: "def main(name: str = 'b'): return name"}
         """)
-    async with api_in_process(ApiSettings(database_url)) as url, aiohttp.ClientSession() as s:
+    async with api_in_process(apikit.settings(database_url)) as url, apikit.session() as s:
         async def submit(body, key, path=HELLO):
             headers = {"Content-Type": "application/json"}
             if key is not None:

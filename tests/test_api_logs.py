@@ -12,8 +12,8 @@ import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
-from gristmill.api.app import ApiSettings
 from gristmill.store import logs, notifications, queue
+from tests import apikit
 from tests.apikit import api_in_process, apply_examples
 
 
@@ -42,8 +42,8 @@ async def listening(session: aiohttp.ClientSession, url: str) -> bool:
 async def test_a_follower_is_woken_by_notifications_and_ends_with_the_job(database_url, db):
     await apply_examples(database_url)
     # No fallback poll to speak of: only notifications can deliver the log and the end.
-    settings = ApiSettings(database_url, follow_fallback_s=3600)
-    async with api_in_process(settings) as url, aiohttp.ClientSession() as session:
+    settings = apikit.settings(database_url, follow_fallback_s=3600)
+    async with api_in_process(settings) as url, apikit.session() as session:
         await until(lambda: listening(session, url))
         job_id = await submit(session, url)
         async with session.get(f"{url}/api/v1/runs/{job_id}/logs",
@@ -65,11 +65,11 @@ async def test_a_follower_is_woken_by_notifications_and_ends_with_the_job(databa
 async def test_followers_whose_clients_leave_stop_reading(database_url):
     await apply_examples(database_url)
     # A short fallback poll, so that a follower left behind would show in the read count.
-    settings = ApiSettings(database_url, follow_fallback_s=0.2)
-    async with api_in_process(settings) as url, aiohttp.ClientSession() as session:
+    settings = apikit.settings(database_url, follow_fallback_s=0.2)
+    async with api_in_process(settings) as url, apikit.session() as session:
         job_id = await submit(session, url)
         before = sample("gristmill_api_log_followers")
-        clients = [aiohttp.ClientSession() for _ in range(20)]
+        clients = [apikit.session() for _ in range(20)]
         responses = [await client.get(f"{url}/api/v1/runs/{job_id}/logs?follow=true")
                      for client in clients]
         assert all(response.status == 200 for response in responses)
@@ -130,8 +130,8 @@ async def test_ended_jobs_are_notified_once_per_statement(db, database_url):
 @pytest.mark.parametrize("follow", ["0", "1"])
 async def test_a_finished_runs_log_is_read_whole(database_url, db, follow):
     await apply_examples(database_url)
-    async with api_in_process(ApiSettings(database_url)) as url, \
-            aiohttp.ClientSession() as session:
+    async with api_in_process(apikit.settings(database_url)) as url, \
+            apikit.session() as session:
         job_id = await submit(session, url)
         await logs.append(db, [(job_id, f"{i}\n") for i in range(2500)])
         async with db.transaction():

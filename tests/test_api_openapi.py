@@ -16,7 +16,7 @@ from openapi_spec_validator import validate
 
 from gristmill.api import openapi
 from gristmill.api.app import ROUTES, create_app
-from tests.apikit import api_process, apply_examples
+from tests.apikit import AUTH, api_process, apply_examples
 
 CONFIG = Path(__file__).parent / "schemathesis.toml"
 
@@ -24,7 +24,7 @@ CONFIG = Path(__file__).parent / "schemathesis.toml"
 def test_every_route_is_documented_and_every_documented_operation_routed():
     app = create_app("postgresql://unused/x")
     routed = {(route.method, route.resource.canonical) for route in app.router.routes()}
-    assert routed == {(method, path) for method, path, _ in ROUTES}
+    assert routed == {(method, path) for method, path, _, _ in ROUTES}
     documented = {(method.upper(), path) for path, item in openapi.document()["paths"].items()
                   for method in item}
     assert routed == documented
@@ -45,13 +45,15 @@ async def test_schemathesis_finds_nothing_with_every_check_on(database_url, tmp_
     await apply_examples(database_url)
     log_path = tmp_path / "api.log"
     with api_process(database_url, log_path=log_path) as (url, process):
-        with urllib.request.urlopen(f"{url}/api/v1/openapi.json", timeout=5) as response:
+        request = urllib.request.Request(f"{url}/api/v1/openapi.json", headers=AUTH)
+        with urllib.request.urlopen(request, timeout=5) as response:
             assert json.loads(response.read()) == openapi.document()
         # One worker: schemathesis' threads trip a CPython 3.11 race in ast (gh-106905).
         result = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run",
              f"{url}/api/v1/openapi.json", "--checks", "all", "--max-examples", "80",
-             "--workers", "1", "--request-timeout", "10", "--no-color"],
+             "--workers", "1", "--request-timeout", "10", "--no-color",
+             "--header", f"Authorization: {AUTH['Authorization']}"],
             capture_output=True, text=True, timeout=280, cwd=tmp_path)  # its cache stays out
         assert process.poll() is None
     report = result.stdout[-6000:]

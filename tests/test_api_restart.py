@@ -21,6 +21,7 @@ import pytest
 from gristmill.dev.postgres import EmbeddedPostgres
 from gristmill.store import logs
 from gristmill.store.migrate import migrate_url
+from tests import apikit
 from tests.apikit import api_process, apply_examples
 
 OUTAGE_S = 8.0  # longer than the API's 5 s of retries: some requests must get a 503
@@ -61,7 +62,7 @@ class Traffic:
             return None
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with apikit.session(timeout=aiohttp.ClientTimeout(total=30)) as session:
             while not stop.is_set():
                 run = await self._one(session, "POST",
                                       "/api/v1/namespaces/default/scripts/hello/runs",
@@ -92,7 +93,7 @@ async def test_requests_ride_out_two_database_restarts(own_postgres, tmp_path):
     log_path = tmp_path / "api.log"
     with api_process(url, "--follow-fallback-interval", "3600", log_path=log_path) as (
             api, process):
-        async with aiohttp.ClientSession() as session:
+        async with apikit.session() as session:
             async def ready() -> bool:
                 try:
                     async with session.get(f"{api}/readyz") as response:

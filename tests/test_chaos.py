@@ -15,12 +15,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import psycopg
 import pytest
 from flowkit import apply_yaml_at, script
 from test_worker_healing import free_port
+
+from tests import apikit
 
 MANIFESTS = script("work", """
     import time
@@ -49,8 +52,9 @@ WORKERS = 3
 class Fleet:
     """The processes under test, started as a Deployment's pods would run them."""
 
-    def __init__(self, url: str, api_port: int):
+    def __init__(self, url: str, api_port: int, token_dir: Path):
         self.url, self.api_port = url, api_port
+        self.token_args = apikit.local_token_args(token_dir)
         self.workers: list[subprocess.Popen] = []
         self.api: subprocess.Popen | None = None
         self.killed: list[int] = []  # pids the test stopped on purpose
@@ -67,7 +71,8 @@ class Fleet:
                                         "--grace-period", "2"))
 
     def start_api(self) -> None:
-        self.api = self._spawn("api", "--host", "127.0.0.1", "--port", str(self.api_port))
+        self.api = self._spawn("api", "--host", "127.0.0.1", "--port", str(self.api_port),
+                               *self.token_args)
 
     def replace_worker(self, index: int, how: signal.Signals) -> None:
         victim = self.workers.pop(index)
@@ -128,9 +133,9 @@ async def wait_until(predicate, timeout: float, what: str) -> None:
         await asyncio.sleep(0.5)
 
 
-async def test_chaos_loses_no_run_and_doubles_no_step(chaos_postgres):
+async def test_chaos_loses_no_run_and_doubles_no_step(chaos_postgres, tmp_path):
     server, url = chaos_postgres
-    fleet = Fleet(url, free_port())
+    fleet = Fleet(url, free_port(), tmp_path)
     api = f"http://127.0.0.1:{fleet.api_port}"
     for _ in range(WORKERS):
         fleet.start_worker()
@@ -155,7 +160,7 @@ async def test_chaos_loses_no_run_and_doubles_no_step(chaos_postgres):
             await submit(session, api, "scripts", 10_000 + n, ms=6000)
 
     try:
-        async with aiohttp.ClientSession() as session:
+        async with apikit.session() as session:
             await wait_until(lambda: _serves(session, api), 60, "the API never came up")
             producer = asyncio.create_task(produce(session))
             await asyncio.sleep(3)

@@ -161,9 +161,8 @@ def test_retention_reaches_the_api_and_the_operator_as_the_cli_reads_it():
 
 def test_rbac_is_files_rbac_in_the_release_namespace():
     source = [d for d in yaml.safe_load_all((CHART / "files" / "rbac.yaml").read_text()) if d]
-    rendered = [o for o in render() if o["kind"] in
-                ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
-                and o["metadata"]["name"] != "gristmill-setup"]  # the hook's own
+    names = {(d["kind"], d["metadata"]["name"]) for d in source}
+    rendered = [o for o in render() if (o["kind"], o["metadata"]["name"]) in names]
     assert len(rendered) == len(source)
     for mine, theirs in zip(rendered, source, strict=True):
         if "namespace" in theirs.get("metadata", {}):
@@ -256,3 +255,76 @@ def test_the_chart_works_as_a_subchart(tmp_path):
                for doc in yaml.safe_load_all(text) if doc]
     api = by_kind(objects, "Deployment")["gristmill-api"]
     assert "--retention=14d" in api["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def _rules(role: dict) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    assert all(rule["apiGroups"] == ["gristmill.io"] for rule in role["rules"])
+    return [(tuple(rule["verbs"]), tuple(rule["resources"])) for rule in role["rules"]]
+
+
+def test_the_user_roles_are_the_ones_the_api_names_and_join_the_built_in_ones():
+    from gristmill.auth.permissions import ROLES
+
+    roles = by_kind(render(), "ClusterRole")
+    assert {name: _rules(roles[name]) for name in ROLES} == {
+        name: [(rule.verbs, rule.resources) for rule in rules] for name, rules in ROLES.items()}
+    aggregated = {name: [key.rsplit("-", 1)[1] for key in roles[name]["metadata"]["labels"]
+                         if key.startswith("rbac.authorization.k8s.io/aggregate-to-")]
+                  for name in ROLES}
+    assert aggregated == {"gristmill-viewer": ["view"], "gristmill-runner": ["edit"],
+                          "gristmill-approver": [], "gristmill-admin": ["admin"]}
+    alone = by_kind(render({"roles": {"aggregate": False}}), "ClusterRole")
+    assert not any("aggregate" in key for name in ROLES for key in alone[name]["metadata"]["labels"])
+    assert not set(ROLES) & set(by_kind(render({"roles": {"create": False}}), "ClusterRole"))
+
+
+def test_every_permission_the_api_asks_for_is_in_a_role_short_of_admin():
+    from gristmill.api.access import InNamespace, Listing, OnRun
+    from gristmill.api.app import ROUTES
+    from gristmill.auth.permissions import Permission, roles_granting
+
+    for method, path, _, access in ROUTES:
+        if isinstance(access, InNamespace):
+            wanted = [Permission(access.verb, access.resource, access.subresource, "ns")]
+        elif isinstance(access, OnRun):
+            wanted = [Permission("get", "runs", namespace="ns"),
+                      Permission(access.verb, "runs", access.subresource, "ns")]
+        elif isinstance(access, Listing):
+            wanted = [Permission("list", access.resource, namespace="ns")]
+        else:
+            continue
+        for permission in wanted:
+            assert set(roles_granting(permission)) - {"gristmill-admin"}, (method, path)
+
+
+def test_the_api_may_review_tokens_and_access_and_nothing_more():
+    objects = render({"api": {"authentication": {"audiences": ["gristmill"]},
+                              "metrics": {"requireAuth": True},
+                              "allowedOrigins": ["https://ui.example.com"],
+                              "allowedHosts": ["gristmill.example.com"]}})
+    role = by_kind(objects, "ClusterRole")["gristmill-api"]
+    assert role["rules"] == [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+         "verbs": ["create"]},
+        {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+         "verbs": ["create"]}]
+    binding = by_kind(objects, "ClusterRoleBinding")["gristmill-api"]
+    assert binding["roleRef"]["name"] == "gristmill-api"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "gristmill-api",
+                                    "namespace": NAMESPACE}]
+    pod = by_kind(objects, "Deployment")["gristmill-api"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "gristmill-api" and pod["automountServiceAccountToken"]
+    bound = [b for b in by_kind(objects, "ClusterRoleBinding").values()
+             if any(s["name"] == "gristmill-api" for s in b["subjects"])]
+    assert [b["metadata"]["name"] for b in bound] == ["gristmill-api"]  # no other rights
+
+    from gristmill.cli import _access_settings, build_parser
+
+    args = build_parser().parse_args([*pod["containers"][0]["args"],
+                                      "--database-url", "postgresql://x/y"])
+    access = _access_settings(args)
+    assert access.authentication == "kubernetes" and access.audiences == ("gristmill",)
+    assert access.metrics_need_auth and args.allowed_origin == ["https://ui.example.com"]
+    assert set(args.allowed_host) == {
+        "gristmill-api", f"gristmill-api.{NAMESPACE}", f"gristmill-api.{NAMESPACE}.svc",
+        f"gristmill-api.{NAMESPACE}.svc.cluster.local", "gristmill.example.com"}

@@ -244,14 +244,20 @@ def _runs_with_input(dev, value: str) -> list[str]:
     return [str(row[0]) for row in rows]
 
 
+def _token(dev) -> str:
+    return (dev["root"] / "data" / "api-token").read_text().strip()
+
+
 def test_run_retries_a_dropped_or_refused_submit_without_a_second_run(dev):
     proxy = FlakyProxy(dev["server"], ["drop", "503"])
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
     thread.start()
+    # The proxy's port is not dev's, so the CLI is told the token.
+    token = {"GRISTMILL_TOKEN": _token(dev)}
     try:
         name = f"retry-{time.monotonic_ns()}"
         done = gristmill("run", "script", "hello", "--input", json.dumps({"name": name}),
-                         server=proxy.url)
+                         server=proxy.url, env=token)
         assert done.returncode == 0, done.stderr
         assert "retrying" in done.stderr and "Traceback" not in done.stderr
         keys = [headers["Idempotency-Key"] for headers in proxy.seen]
@@ -259,12 +265,52 @@ def test_run_retries_a_dropped_or_refused_submit_without_a_second_run(dev):
         # The run the dropped answer announced is the only one, and the one printed.
         assert _runs_with_input(dev, name) == [done.stdout.strip()]
         again = gristmill("run", "script", "hello", "--input", json.dumps({"name": name}),
-                          server=proxy.url)
+                          server=proxy.url, env=token)
         assert again.returncode == 0 and proxy.seen[-1]["Idempotency-Key"] not in keys
         assert len(_runs_with_input(dev, name)) == 2  # a new invocation is a new run
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+def test_dev_refuses_callers_without_its_token(dev, tmp_path):
+    for headers in ({}, {"Authorization": "Bearer not-the-dev-token"}):
+        request = urllib.request.Request(f"{dev['server']}/api/v1/flows", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused.value.code == 401
+        assert refused.value.headers["WWW-Authenticate"].startswith("Bearer")
+    token_file = dev["root"] / "data" / "api-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    # The CLI with a wrong token says so, and where the token came from.
+    wrong = gristmill("get", "run", "3f2b8c4e-1d2a-4b6e-9f10-2a3b4c5d6e7f", server=dev["server"],
+                      env={"GRISTMILL_TOKEN": "not-the-dev-token"})
+    assert wrong.returncode == 1 and "GRISTMILL_TOKEN" in wrong.stderr, wrong.stderr
+    # Without dev's registry (another user, say), it has nothing to send: a 401 saying why.
+    alone = gristmill("get", "run", "3f2b8c4e-1d2a-4b6e-9f10-2a3b4c5d6e7f",
+                      server=dev["server"], env={"HOME": str(tmp_path), "XDG_RUNTIME_DIR": "",
+                                                 "KUBECONFIG": str(tmp_path / "none")})
+    assert alone.returncode == 1 and "needs credentials" in alone.stderr, alone.stderr
+    assert "Traceback" not in alone.stderr
+
+
+def test_approvals_are_made_as_the_token_s_caller(dev):
+    (dev["manifests"] / "gated.yaml").write_text(
+        "apiVersion: gristmill.io/v1alpha1\nkind: Flow\nmetadata: {name: gated}\n"
+        "spec:\n  steps:\n    - {id: gate, suspend: {timeout: 1h}}\n")
+    deadline = time.monotonic() + 30
+    while True:  # dev reloads the directory when it changes
+        submitted = gristmill("run", "flow", "gated", server=dev["server"])
+        if submitted.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip()
+    approved = gristmill("approve", run_id, server=dev["server"])
+    assert approved.returncode == 0 and "approved" in approved.stdout, approved.stderr
+    run = json.loads(gristmill("get", "run", run_id, "-o", "json", server=dev["server"]).stdout)
+    assert run["steps"][0]["approvedBy"] == "gristmill-dev"
+    assert "--by" not in gristmill("approve", "--help").stdout
 
 
 def test_ctrl_c_stops_cleanly_and_the_data_dir_is_reusable(dev):

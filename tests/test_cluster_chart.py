@@ -12,15 +12,19 @@ import sys
 import helm_python as helm
 import pytest
 from clusterkit import ROOT, condition, get, kubectl, wait_for
+from k8s_cluster import environment
 
 pytestmark = pytest.mark.timeout(360)  # pods start as processes: slower than a unit test
 NAMESPACE = "gristmill-system"
 RELEASE = "gm"
 
 
-def gristmill(*args: str, server: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def gristmill(cluster, *args: str, server: str, timeout: float = 120
+              ) -> subprocess.CompletedProcess:
+    """The CLI as the cluster's admin: it sends the kubeconfig's token, as for any user."""
     return subprocess.run([sys.executable, "-m", "gristmill.cli", *args, "--server", server],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env=environment(cluster.control_plane))
 
 
 def release_values(database_url: str) -> dict:
@@ -67,11 +71,11 @@ def test_the_chart_installs_and_serves_scripts_and_flows(release, cluster):
         wait_for(f"{kind} {name} Ready", lambda kind=kind, name=name: condition(get(
             cluster, kind, name, "-n", NAMESPACE)).get("status") == "True", timeout=90)
     server = api_server(cluster)
-    hello = gristmill("run", "script", "hello", "-n", NAMESPACE, "--input",
+    hello = gristmill(cluster, "run", "script", "hello", "-n", NAMESPACE, "--input",
                       '{"name": "cluster"}', "--wait", server=server)
     assert hello.returncode == 0, hello.stderr
     assert json.loads(hello.stdout) == {"greeting": "Hello, cluster."}
-    flow = gristmill("run", "flow", "process-orders", "-n", NAMESPACE, "--input",
+    flow = gristmill(cluster, "run", "flow", "process-orders", "-n", NAMESPACE, "--input",
                      '{"batch": "b-1"}', "--wait", "-o", "json", server=server, timeout=240)
     assert flow.returncode == 0, flow.stderr + flow.stdout
     run = json.loads(flow.stdout)
@@ -100,5 +104,5 @@ def test_the_chart_upgrades_in_place(release, cluster):
     api = get(cluster, "deployment", "gristmill-api", "-n", NAMESPACE)
     assert "--retention=7d" in api["spec"]["template"]["spec"]["containers"][0]["args"]
     wait_for("the upgraded API serving", lambda: gristmill(
-        "run", "script", "hello", "-n", NAMESPACE, "--wait",
+        cluster, "run", "script", "hello", "-n", NAMESPACE, "--wait",
         server=api_server(cluster)).returncode == 0, timeout=120)

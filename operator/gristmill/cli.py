@@ -50,6 +50,14 @@ def _read_input(args: argparse.Namespace) -> dict[str, Any]:
     return value
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """A client of --server that sends the caller's credentials (gristmill.credentials)."""
+    from gristmill.credentials import resolve
+
+    credentials = resolve(args.server, args.token, os.environ)
+    return Client(args.server, token=credentials.token, token_source=credentials.source)
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=False))
 
@@ -66,7 +74,7 @@ def _report_failure(client: Client, run: dict[str, Any]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    client = Client(args.server)
+    client = _client(args)
     body: dict[str, Any] = {"input": _read_input(args)}
     if args.priority is not None:
         body["priority"] = args.priority
@@ -110,7 +118,7 @@ def _print_steps(steps: list[dict[str, Any]], depth: int = 0) -> None:
 
 
 def cmd_get_run(args: argparse.Namespace) -> int:
-    run = Client(args.server).get_run(args.run_id)
+    run = _client(args).get_run(args.run_id)
     if args.output == "json":
         _print_json(run)
         return 0
@@ -140,28 +148,27 @@ def cmd_get_run(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    for chunk in Client(args.server).logs(args.run_id, follow=args.follow):
+    for chunk in _client(args).logs(args.run_id, follow=args.follow):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    answer = Client(args.server).cancel(args.run_id)
+    answer = _client(args).cancel(args.run_id)
     print(f"run {answer['id']} {answer['status']}")
     return 0
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
     approve = args.command == "approve"
-    who = args.by or os.environ.get("USER") or "cli"
-    answer = Client(args.server).decide(args.run_id, approve, args.step, who)
+    answer = _client(args).decide(args.run_id, approve, args.step)
     print(f"run {answer['id']}: step {answer['step']} {answer['decision']}")
     return 0
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    answer = Client(args.server).restart(args.run_id, args.from_step)
+    answer = _client(args).restart(args.run_id, args.from_step)
     print(answer["id"])
     return 0
 
@@ -281,15 +288,40 @@ def _retention_arg(p: argparse.ArgumentParser) -> None:
                         "(%(default)s)")
 
 
+def _access_settings(args: argparse.Namespace):
+    from gristmill.api.access import AccessSettings
+
+    token = None
+    if args.authentication == "token":
+        if not args.token_file:
+            raise UsageError("--authentication token needs --token-file FILE (a random "
+                             "token of 16 characters or more)")
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --token-file {args.token_file}: "
+                             f"{exc.strerror}") from exc
+        if len(token) < 16:
+            raise UsageError(f"the token in {args.token_file} is shorter than 16 characters")
+    return AccessSettings(authentication=args.authentication, token=token,
+                          audiences=tuple(args.audience or ()), kubeconfig=args.kubeconfig,
+                          metrics_need_auth=args.metrics_need_auth)
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     from gristmill.api.app import ApiSettings
+    from gristmill.api.crosssite import SiteSettings
+    from gristmill.api.reviewers import AccessMisconfigured
     from gristmill.api.server import serve
     from gristmill.housekeeping import run_housekeeping
 
     url = _database_url(args)
     settings = ApiSettings(database_url=url, pool_size=args.pool_size,
                            database_retry_s=args.database_retry,
-                           follow_fallback_s=args.follow_fallback_interval)
+                           follow_fallback_s=args.follow_fallback_interval,
+                           access=_access_settings(args),
+                           site=SiteSettings(tuple(args.allowed_origin or ()),
+                                             tuple(args.allowed_host or ())))
 
     async def main(stop: asyncio.Event) -> None:
         if not await _migrate_when_reachable(url, stop):
@@ -297,6 +329,8 @@ def cmd_api(args: argparse.Namespace) -> int:
         housekeeping = asyncio.create_task(run_housekeeping(url, args.retention, stop))
         try:
             await serve(settings, args.host, args.port, stop)
+        except AccessMisconfigured as exc:
+            raise UsageError(str(exc)) from None
         finally:
             stop.set()
             await housekeeping
@@ -394,7 +428,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     options = DevOptions(
         paths=args.paths, database_url=args.database_url or os.environ.get("GRISTMILL_DATABASE_URL"),
         data_dir=Path(args.data_dir), workers=args.workers or os.cpu_count() or 1,
-        host=args.host, port=args.port, retention=args.retention,
+        host=args.host, port=args.port, retention=args.retention, environ=os.environ,
     )
     return _run_until_signalled(lambda stop: run_dev(options, stop))
 
@@ -407,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     def client_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", default=default_server(),
                        help="API URL (env GRISTMILL_SERVER, default %(default)s)")
+        p.add_argument("--token", help="bearer token to send (env GRISTMILL_TOKEN; default: "
+                                       "a local gristmill dev's own, else the current "
+                                       "kubeconfig's credentials)")
 
     def db_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--database-url", help="PostgreSQL URL (env GRISTMILL_DATABASE_URL)")
@@ -459,7 +496,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=f"{verb} a flow run's suspended step")
         p.add_argument("run_id")
         p.add_argument("--step", help="the suspended step's path, when several wait")
-        p.add_argument("--by", help="who decides (default: $USER)")
         client_args(p)
         p.set_defaults(func=cmd_decide)
 
@@ -516,6 +552,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-fallback-interval", type=float, default=30.0, metavar="SECONDS",
                    help="followed logs are woken by notifications; without one they are "
                         "re-read this often (%(default)s)")
+    p.add_argument("--authentication", choices=["kubernetes", "token"], default="kubernetes",
+                   help="kubernetes: bearer tokens checked with TokenReview, actions with "
+                        "SubjectAccessReview (as the pod's ServiceAccount or --kubeconfig); "
+                        "token: one local token (--token-file) that may do everything")
+    p.add_argument("--token-file", help="with --authentication token: the file holding it")
+    p.add_argument("--audience", action="append",
+                   help="accept only tokens meant for this audience (repeatable; default: "
+                        "the API server's own, what kubectl and exec plugins hand out)")
+    p.add_argument("--kubeconfig", help="review tokens as this kubeconfig's user instead of "
+                                        "the pod's ServiceAccount")
+    p.add_argument("--metrics-need-auth", action="store_true",
+                   help="GET /metrics needs a token allowed `get` on the non-resource URL "
+                        "/metrics (default: open, like /healthz)")
+    p.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
+                   help="a browser origin besides the API's own that may call it, e.g. "
+                        "https://ui.example.com (repeatable)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a name the API may be addressed by (Host), besides IP addresses and "
+                        "localhost; *.example.com for a whole domain (repeatable)")
     _retention_arg(p)
     p.set_defaults(func=cmd_api)
 

@@ -51,9 +51,15 @@ def default_server() -> str:
 
 
 class Client:
-    def __init__(self, server: str | None = None, timeout: float = 30.0):
+    """`token`: the bearer token to send (None: none); `token_source` says where it came
+    from, for the message when the server refuses it."""
+
+    def __init__(self, server: str | None = None, timeout: float = 30.0,
+                 token: str | None = None, token_source: str = ""):
         self.server = (server or default_server()).rstrip("/")
         self.timeout = timeout
+        self.token = token
+        self.token_source = token_source
 
     def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None,
               headers: dict[str, str] | None = None):
@@ -61,6 +67,7 @@ class Client:
         request = urllib.request.Request(
             self.server + path, data=data, method=method,
             headers={**({"Content-Type": "application/json"} if data else {}),
+                     **({"Authorization": f"Bearer {self.token}"} if self.token else {}),
                      **(headers or {})},
         )
         try:
@@ -70,6 +77,8 @@ class Client:
                 message = json.loads(exc.read())["error"]
             except (ValueError, KeyError, TypeError, OSError, http.client.HTTPException):
                 message = f"HTTP {exc.code} {exc.reason}"
+            if exc.code == 401 and self.token_source:
+                message += f" (the CLI sent {self.token_source})"
             raise ApiError(message, exc.code, _retry_after(exc.headers.get("Retry-After"))
                            ) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
@@ -119,8 +128,9 @@ class Client:
     def submit_flow(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.submit("flows", namespace, name, body)
 
-    def decide(self, run_id: str, approve: bool, step: str | None, by: str) -> dict[str, Any]:
-        body: dict[str, Any] = {"by": by}
+    def decide(self, run_id: str, approve: bool, step: str | None) -> dict[str, Any]:
+        """As the caller the token belongs to: the server records who decided."""
+        body: dict[str, Any] = {}
         if step:
             body["step"] = step
         return self._json("POST", f"/api/v1/runs/{run_id}/{'approve' if approve else 'reject'}",

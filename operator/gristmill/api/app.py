@@ -1,15 +1,17 @@
 """The HTTP API (aiohttp): submit runs, read them back, follow logs, cancel, metrics.
 
-Every route is in ROUTES and documented in /api/v1/openapi.json (api/openapi.py; a
-test keeps the two equal). A mistake in a request gets a 4xx with
-{"error": "what is wrong and how to fix it"}; a database that is away for longer than
-a retry can hide gets a 503 with Retry-After; nothing a request sends gets a 500.
+Every route is in ROUTES, with what a caller needs to call it (api/access.py), and
+documented in /api/v1/openapi.json (api/openapi.py; a test keeps the two equal). A
+mistake in a request gets a 4xx with {"error": "what is wrong and how to fix it"}; a
+database (or, for credentials, a Kubernetes API server) that is away for longer than a
+retry can hide gets a 503 with Retry-After; nothing a request sends gets a 500.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -17,15 +19,32 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gristmill.api import idempotency, openapi, params, runs
+from gristmill.api.access import (
+    GATE,
+    Access,
+    AccessSettings,
+    Authenticated,
+    Gate,
+    InNamespace,
+    Listing,
+    Metrics,
+    OnRun,
+    Open,
+    access_middleware,
+)
+from gristmill.api.crosssite import SiteSettings, add_security_headers, site_middleware
 from gristmill.api.database import Database
 from gristmill.api.errors import errors_middleware
+from gristmill.api.identity import caller_of
 from gristmill.api.log_follow import JobWatch, client_gone, stream_job_log
+from gristmill.api.reviewers import make_reviewers
 from gristmill.api.runs import RunError, SubmitRequest, get_run
 from gristmill.flows import engine as flow_engine
 from gristmill.metrics import observe_queue
 from gristmill.store import flows as flow_store
 from gristmill.store import logs, queue
 from gristmill.store import scripts as script_store
+from gristmill.values import ValueProblem
 
 
 @dataclass(frozen=True)
@@ -35,6 +54,8 @@ class ApiSettings:
     database_retry_s: float = 5.0  # how long a request rides out a database restart
     follow_fallback_s: float = 30.0  # a followed log is re-read this often without a wake-up
     max_body_bytes: int = params.MAX_BODY_BYTES
+    access: AccessSettings = field(default_factory=AccessSettings)
+    site: SiteSettings = field(default_factory=SiteSettings)
 
 
 DATABASE = web.AppKey("database", Database)
@@ -69,7 +90,8 @@ def _submitter(kind: str, submit) -> Handler:
         namespace, name = params.name(request, "namespace"), params.name(request, "name")
         key = idempotency.key_of(request)
         body = await params.json_body(request)
-        submit_request = _submit_request(body, scheduled=kind == "scripts")
+        submit_request = dataclasses.replace(_submit_request(body, scheduled=kind == "scripts"),
+                                             submitted_by=caller_of(request).username)
         route = f"{kind}/{name}/runs"
 
         async def work(conn: psycopg.AsyncConnection) -> idempotency.Answer:
@@ -108,10 +130,14 @@ async def cancel_run(request: web.Request) -> web.Response:
 async def _decide(request: web.Request, approve: bool) -> web.Response:
     run_id = params.run_id(request)
     body = await params.json_body(request)
-    params.check_fields(body, {"step", "by"})
-    step, by = params.text_field(body, "step"), params.text_field(body, "by") or "api"
-    path = await _database(request).write(
-        lambda conn: flow_engine.decide(conn, run_id, approve, by, step))
+    if "by" in body:
+        raise ValueProblem("by", "who decides is taken from your credentials, not from the "
+                                 "request: leave it out")
+    params.check_fields(body, {"step"})
+    step = params.text_field(body, "step")
+    caller = caller_of(request)
+    path = await _database(request).write(lambda conn: flow_engine.decide(
+        conn, run_id, approve, caller.username, step, caller.groups))
     return web.json_response({"id": str(run_id), "step": path,
                               "decision": "approved" if approve else "rejected"})
 
@@ -131,8 +157,9 @@ async def restart_run(request: web.Request) -> web.Response:
     from_step = params.text_field(body, "fromStep")
     if from_step is None:
         raise RunError(400, "name the step to restart from: {\"fromStep\": \"STEP_ID\"}")
+    restarted_by = caller_of(request).username
     run = await _database(request).write(
-        lambda conn: flow_engine.restart_run(conn, run_id, from_step))
+        lambda conn: flow_engine.restart_run(conn, run_id, from_step, restarted_by))
     return web.json_response({"id": str(run.id), "kind": "flow", "status": run.status,
                               "restartedFrom": str(run_id)}, status=201)
 
@@ -230,33 +257,43 @@ async def openapi_document(request: web.Request) -> web.Response:
     return web.json_response(openapi.document())
 
 
-# (method, path, handler): the whole API; api/openapi.py documents each of them.
-ROUTES: list[tuple[str, str, Handler]] = [
-    ("POST", "/api/v1/namespaces/{namespace}/scripts/{name}/runs", submit_script),
-    ("POST", "/api/v1/namespaces/{namespace}/flows/{name}/runs", submit_flow),
-    ("GET", "/api/v1/runs/{id}", show_run),
-    ("GET", "/api/v1/runs/{id}/logs", run_logs),
-    ("POST", "/api/v1/runs/{id}/cancel", cancel_run),
-    ("POST", "/api/v1/runs/{id}/approve", approve_run),
-    ("POST", "/api/v1/runs/{id}/reject", reject_run),
-    ("POST", "/api/v1/runs/{id}/restart", restart_run),
-    ("GET", "/api/v1/scripts", list_scripts),
-    ("GET", "/api/v1/flows", list_flows),
-    ("GET", "/api/v1/openapi.json", openapi_document),
-    ("GET", "/healthz", healthz),
-    ("GET", "/readyz", readyz),
-    ("GET", "/metrics", metrics),
+# (method, path, handler, what the caller needs): the whole API; api/openapi.py documents
+# each route, README ("Who may do what") each permission.
+ROUTES: list[tuple[str, str, Handler, Access]] = [
+    ("POST", "/api/v1/namespaces/{namespace}/scripts/{name}/runs", submit_script,
+     InNamespace("create", "scripts", "runs")),
+    ("POST", "/api/v1/namespaces/{namespace}/flows/{name}/runs", submit_flow,
+     InNamespace("create", "flows", "runs")),
+    ("GET", "/api/v1/runs/{id}", show_run, OnRun("get")),
+    ("GET", "/api/v1/runs/{id}/logs", run_logs, OnRun("get")),
+    ("POST", "/api/v1/runs/{id}/cancel", cancel_run, OnRun("update", "cancel")),
+    ("POST", "/api/v1/runs/{id}/approve", approve_run, OnRun("update", "approval")),
+    ("POST", "/api/v1/runs/{id}/reject", reject_run, OnRun("update", "approval")),
+    ("POST", "/api/v1/runs/{id}/restart", restart_run, OnRun("update", "restart")),
+    ("GET", "/api/v1/scripts", list_scripts, Listing("scripts")),
+    ("GET", "/api/v1/flows", list_flows, Listing("flows")),
+    ("GET", "/api/v1/openapi.json", openapi_document, Authenticated()),
+    ("GET", "/healthz", healthz, Open()),
+    ("GET", "/readyz", readyz, Open()),
+    ("GET", "/metrics", metrics, Metrics()),
 ]
 
 
 def create_app(settings: ApiSettings | str) -> web.Application:
     if isinstance(settings, str):
         settings = ApiSettings(database_url=settings)
-    app = web.Application(middlewares=[errors_middleware(settings.max_body_bytes)],
+    app = web.Application(middlewares=[errors_middleware(settings.max_body_bytes),
+                                       site_middleware(settings.site), access_middleware],
                           client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app.on_response_prepare.append(add_security_headers)
 
     async def resources(app: web.Application):
+        # First: an API that cannot check credentials must not start (and says why).
+        authenticator, authorizer, close_reviewers = make_reviewers(settings.access)
+        app[GATE] = Gate(authenticator, authorizer, lambda: app[DATABASE],
+                         {(method, path): access for method, path, _, access in ROUTES},
+                         settings.access.metrics_need_auth)
         database = Database(settings.database_url, settings.pool_size,
                             settings.database_retry_s)
         watch = JobWatch(settings.database_url)
@@ -266,8 +303,9 @@ def create_app(settings: ApiSettings | str) -> web.Application:
         yield
         await watch.stop()
         await database.close()
+        close_reviewers()
 
     app.cleanup_ctx.append(resources)
-    for method, path, handler in ROUTES:
+    for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
     return app

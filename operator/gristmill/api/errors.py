@@ -9,8 +9,10 @@ import uuid
 
 from aiohttp import web
 
+from gristmill.api.access import Unauthenticated
 from gristmill.api.database import DatabaseUnavailable
 from gristmill.api.runs import RunError
+from gristmill.auth.problems import ReviewUnavailable
 from gristmill.flows.engine import FlowError
 from gristmill.values import ValueProblem
 
@@ -55,7 +57,9 @@ def errors_middleware(body_limit: int):
                                   getattr(exc, "headers", None))
         except ValueProblem as exc:
             return error_response(400, exc.message, exc.where)
-        except DatabaseUnavailable as exc:
+        except Unauthenticated as exc:
+            return error_response(401, exc.message, headers={"WWW-Authenticate": exc.challenge})
+        except (DatabaseUnavailable, ReviewUnavailable) as exc:
             return error_response(503, exc.message,
                                   headers={"Retry-After": str(exc.retry_after)})
         except web.HTTPException as exc:

@@ -103,6 +103,9 @@ SCHEMAS: dict[str, Any] = {
             "attempts": {"type": ["integer", "null"]},
             "job": _NULLABLE_ID,
             "childRun": _NULLABLE_ID,
+            "approvedBy": {"type": ["string", "null"],
+                           "description": "Who approved this suspended step (the "
+                                          "authenticated username)"},
             "startedAt": _NULLABLE_TIME,
             "finishedAt": _NULLABLE_TIME,
             "durationMs": {"type": ["number", "null"]},
@@ -150,7 +153,6 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "step": {**_TEXT, "description": "The suspended step's path, when several wait"},
-            "by": {**_TEXT, "description": "Who decides (default: api)"},
         },
         "additionalProperties": False,
     },
@@ -240,13 +242,17 @@ _RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"},
 
 _ERRORS = {
     "400": "The request is wrong; the message says what and how to fix it",
+    "401": "No bearer token, or one that is not valid: the message says what to send",
+    "403": "The caller may not do this (the message names the permission, as `kubectl auth "
+           "can-i` asks it), or the request came from another site",
     "404": "No such run, Script or Flow",
     "409": "The request conflicts with the run's state",
     "413": "The request body is over 1 MiB",
     "415": "The request body is not JSON in UTF-8",
     "422": "The Idempotency-Key was used with a different body",
     "500": "A bug: logged by the API with its traceback and a reference",
-    "503": "The database is unavailable; retry after Retry-After seconds",
+    "503": "The database or the Kubernetes API server (which checks credentials) is "
+           "unavailable; retry after Retry-After seconds",
 }
 
 
@@ -255,6 +261,9 @@ def _error(code: str) -> dict[str, Any]:
         "description": _ERRORS[code],
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
+    if code == "401":
+        response["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"},
+                                                    "description": "Bearer"}}
     if code in ("409", "503"):
         response["headers"] = _RETRY_AFTER if code == "503" else {
             "Retry-After": {**_RETRY_AFTER["Retry-After"],
@@ -277,13 +286,22 @@ def _body(schema: str, required: bool, example: dict[str, Any] | None = None) ->
 
 def _operation(operation_id: str, summary: str, responses: dict[str, Any],
                parameters: list[str] = (), errors: tuple[str, ...] = (),
-               request_body: dict[str, Any] | None = None) -> dict[str, Any]:
+               request_body: dict[str, Any] | None = None, open_route: bool = False,
+               permission: str = "") -> dict[str, Any]:
+    """`open_route`: no credentials needed; `permission`: what RBAC must allow (README,
+    "Who may do what")."""
+    if not open_route:
+        errors = tuple(sorted({*errors, "401", "403", "503"}))
     operation: dict[str, Any] = {
         "operationId": operation_id,
         "summary": summary,
         "parameters": [{"$ref": f"#/components/parameters/{p}"} for p in parameters],
         "responses": {**responses, **{code: _error(code) for code in (*errors, "500")}},
     }
+    if open_route:
+        operation["security"] = []
+    if permission:
+        operation["description"] = f"Needs: {permission}."
     if request_body is not None:
         operation["requestBody"] = request_body
     return operation
@@ -318,63 +336,76 @@ def _submitted(links: dict[str, Any]) -> dict[str, Any]:
     }}
 
 
+_READ_RUN = "get on runs in the run's namespace (without it: 404, as for an unknown run)"
+_ON_RUN = _READ_RUN.replace("get on runs", "get on runs and update on {}")
+_DECIDE = (_ON_RUN.format("runs/approval") + "; and whatever the step's suspend.approvers "
+           "and forbidSubmitter ask")
+_LIST = ("list on {} in ?namespace=, or in all namespaces without it")
+
 PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/namespaces/{namespace}/scripts/{name}/runs": {"post": _operation(
         "submitScriptRun", "Start a run of a Script", _submitted(_RUN_LINKS),
         ["namespace", "scriptName", "idempotencyKey"], _SUBMIT_ERRORS,
-        _body("ScriptRunRequest", False, {"input": {"name": "world"}}))},
+        _body("ScriptRunRequest", False, {"input": {"name": "world"}}),
+        permission="create on scripts/runs (name: the Script) in the namespace")},
     "/api/v1/namespaces/{namespace}/flows/{name}/runs": {"post": _operation(
         "submitFlowRun", "Start a run of a Flow", _submitted(_FLOW_RUN_LINKS),
         ["namespace", "flowName", "idempotencyKey"], _SUBMIT_ERRORS,
-        _body("FlowRunRequest", False, {"input": {"batch": "b-42", "count": 2}}))},
+        _body("FlowRunRequest", False, {"input": {"batch": "b-42", "count": 2}}),
+        permission="create on flows/runs (name: the Flow) in the namespace")},
     "/api/v1/runs/{id}": {"get": _operation(
         "getRun", "A run: status, result, error, timings; a flow run's steps as a tree",
-        {"200": _json("The run", "Run")}, ["runId"], ("400", "404", "503"))},
+        {"200": _json("The run", "Run")}, ["runId"], ("400", "404", "503"),
+        permission=_READ_RUN)},
     "/api/v1/runs/{id}/logs": {"get": _operation(
         "getRunLogs", "A run's log as text; with follow, streamed until the run ends",
         {"200": {"description": "The log",
                  "content": {"text/plain": {"schema": {"type": "string"}}}}},
-        ["runId", "follow", "after"], ("400", "404", "503"))},
+        ["runId", "follow", "after"], ("400", "404", "503"), permission=_READ_RUN)},
     "/api/v1/runs/{id}/cancel": {"post": _operation(
         "cancelRun", "Cancel a run (queued jobs at once, running ones are signalled)",
         {"200": _json("Cancelled, or being cancelled", "Cancellation")}, ["runId"],
-        ("400", "404", "409", "503"))},
+        ("400", "404", "409", "415", "503"), permission=_ON_RUN.format("runs/cancel"))},
     "/api/v1/runs/{id}/approve": {"post": _operation(
         "approveStep", "Approve a flow run's suspended step",
         {"200": _json("The decision", "Decision")}, ["runId"], _WRITE_ERRORS,
-        _body("DecisionRequest", False))},
+        _body("DecisionRequest", False), permission=_DECIDE)},
     "/api/v1/runs/{id}/reject": {"post": _operation(
         "rejectStep", "Reject a flow run's suspended step",
         {"200": _json("The decision", "Decision")}, ["runId"], _WRITE_ERRORS,
-        _body("DecisionRequest", False))},
+        _body("DecisionRequest", False), permission=_DECIDE)},
     "/api/v1/runs/{id}/restart": {"post": _operation(
         "restartRun", "Re-run a finished flow run from a top-level step, reusing the "
                       "results before it",
         {"201": _json("The new run", "RestartedRun")}, ["runId"], _WRITE_ERRORS,
-        _body("RestartRequest", True, {"fromStep": "price"}))},
+        _body("RestartRequest", True, {"fromStep": "price"}),
+        permission=_ON_RUN.format("runs/restart"))},
     "/api/v1/scripts": {"get": _operation(
         "listScripts", "The Scripts applied, with their current versions",
-        {"200": _json("Scripts", "Definitions")}, ["namespaceFilter"], ("400", "503"))},
+        {"200": _json("Scripts", "Definitions")}, ["namespaceFilter"], ("400", "503"),
+        permission=_LIST.format("scripts"))},
     "/api/v1/flows": {"get": _operation(
         "listFlows", "The Flows applied, with their current versions",
-        {"200": _json("Flows", "Definitions")}, ["namespaceFilter"], ("400", "503"))},
+        {"200": _json("Flows", "Definitions")}, ["namespaceFilter"], ("400", "503"),
+        permission=_LIST.format("flows"))},
     "/api/v1/openapi.json": {"get": _operation(
         "getOpenApiDocument", "This document",
         {"200": {"description": "OpenAPI 3.1",
                  "content": {"application/json": {"schema": {"type": "object"}}}}})},
     "/healthz": {"get": _operation(
         "liveness", "Liveness: the process serves (it does not ask the database)",
-        {"200": _json("Alive", "Health")})},
+        {"200": _json("Alive", "Health")}, open_route=True)},
     "/readyz": {"get": _operation(
         "readiness", "Readiness: the database answers",
         {"200": _json("Ready", "Readiness"),
          "503": {**_json("The database is unreachable", "Readiness"),
-                 "headers": _RETRY_AFTER}})},
+                 "headers": _RETRY_AFTER}}, open_route=True)},
     "/metrics": {"get": _operation(
         "metrics", "Prometheus metrics: queue depth, running jobs and oldest job age per "
                    "tag; log followers",
         {"200": {"description": "Prometheus text format",
-                 "content": {"text/plain": {"schema": {"type": "string"}}}}}, errors=("503",))},
+                 "content": {"text/plain": {"schema": {"type": "string"}}}}}, errors=("503",),
+        open_route=True)},
 }
 
 
@@ -389,5 +420,11 @@ def document() -> dict[str, Any]:
                            "it\"}, with \"field\" when one field is at fault.",
         },
         "paths": PATHS,
-        "components": {"schemas": SCHEMAS, "parameters": PARAMETERS},
+        "security": [{"bearer": []}],
+        "components": {"schemas": SCHEMAS, "parameters": PARAMETERS,
+                       "securitySchemes": {"bearer": {
+                           "type": "http", "scheme": "bearer",
+                           "description": "A Kubernetes token (the kubeconfig's, or `kubectl "
+                                          "create token`), checked with a TokenReview; under "
+                                          "`gristmill dev`, its local token"}}},
     })

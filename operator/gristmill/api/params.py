@@ -33,11 +33,15 @@ def _shown(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def is_json_media(media: str) -> bool:
+    return media == "application/json" or media.endswith("+json")
+
+
 def _check_media_type(request: web.Request) -> None:
     if "Content-Type" not in request.headers:
         return  # curl without -H, and most scripts: take it as JSON
     media = request.content_type.lower()
-    if media != "application/json" and not media.endswith("+json"):
+    if not is_json_media(media):
         raise RunError(415, f"the request body must be JSON (Content-Type: application/json), "
                             f"not {_shown(media)}")
     charset = (request.charset or "utf-8").lower()

@@ -36,6 +36,7 @@ class SubmitRequest:
     input: dict[str, Any]
     priority: int | None = None  # None: the Script's or Flow's own
     scheduled_for: dt.datetime | None = None
+    submitted_by: str | None = None  # the authenticated username
 
 
 async def submit_script_run(conn: psycopg.AsyncConnection, namespace: str, name: str,
@@ -67,7 +68,7 @@ async def submit_flow_run(conn: psycopg.AsyncConnection, namespace: str, name: s
                           request: SubmitRequest) -> dict[str, Any]:
     async with conn.transaction():
         run = await flow_engine.submit_flow_run(conn, namespace, name, request.input,
-                                                request.priority)
+                                                request.priority, request.submitted_by)
     return {"id": str(run.id), "kind": "flow", "status": run.status}
 
 
@@ -114,6 +115,7 @@ def _step_tree(plan: FlowPlan, rows: list[dict[str, Any]]) -> list[dict[str, Any
             "result": row["result"], "error": row["error"], "attempts": row["attempts"],
             "job": str(row["job_id"]) if row["job_id"] else None,
             "childRun": str(row["child_run_id"]) if row["child_run_id"] else None,
+            "approvedBy": (row["approval"] or {}).get("by"),
             "startedAt": _iso(row["started_at"]), "finishedAt": _iso(row["finished_at"]),
             "durationMs": _duration_ms(row["started_at"], row["finished_at"]),
             "steps": [],

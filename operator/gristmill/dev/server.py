@@ -2,7 +2,8 @@
 
 The workers are real `gristmill worker` processes (what a WorkerGroup's pods
 run), supervised here and restarted if they die. Manifests are re-applied
-when their files change.
+when their files change. The API takes one random local token (dev/token.py), which
+the CLI finds by itself; a caller without it gets a 401.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import os
 import re
 import signal
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 
+from gristmill.api.access import AccessSettings
+from gristmill.api.app import ApiSettings
 from gristmill.api.server import serve
+from gristmill.dev import token as dev_token
 from gristmill.dev.manifests import apply_manifests
 from gristmill.dev.postgres import EmbeddedPostgres
 from gristmill.housekeeping import DEFAULT_RETENTION, run_housekeeping
@@ -44,6 +49,7 @@ class DevOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     retention: dt.timedelta = DEFAULT_RETENTION
+    environ: Mapping[str, str] = field(default_factory=dict)  # where the token is noted
 
 
 def _manifest_snapshot(paths: list[str]) -> dict[str, tuple[float, int]]:
@@ -163,7 +169,10 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> int:
         names = set(report.names)
         await workers.start()
         api_stop = asyncio.Event()
-        api = asyncio.create_task(serve(url, options.host, options.port, api_stop))
+        token_file = dev_token.create(options.data_dir, options.port, options.environ)
+        settings = ApiSettings(url, access=AccessSettings(
+            authentication="token", token=token_file.read_text().strip()))
+        api = asyncio.create_task(serve(settings, options.host, options.port, api_stop))
         tasks = {
             api: "the API",
             asyncio.create_task(workers.supervise()): "the worker supervisor",
@@ -178,7 +187,9 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> int:
         print(f"gristmill dev: API on http://{options.host}:{options.port}, "
               f"{options.workers} worker(s), database "
               f"{server.display_url() if server else _without_password(url)}\n"
-              f"  try: gristmill run script NAME --input '{{...}}' --wait   (Ctrl-C to stop)",
+              f"  try: gristmill run script NAME --input '{{...}}' --wait   (Ctrl-C to stop)\n"
+              f"  the CLI finds the API token by itself; for curl or another shell:\n"
+              f"    export GRISTMILL_TOKEN=\"$(cat {token_file})\"",
               flush=True)
         stop_wait = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -203,5 +214,6 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> int:
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await workers.stop()
+        dev_token.forget(options.port, options.data_dir, options.environ)
         if server is not None:
             await asyncio.to_thread(server.stop)

@@ -18,7 +18,7 @@ import datetime as dt
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from gristmill.flows.evaluator import evaluator
 from gristmill.flows.plan import ON_FAILURE, FlowPlan, Indices, parse_path, step_path
 from gristmill.spec import InputError, check_input, parse_duration
 from gristmill.spec.expressions import ExpressionError, referenced_steps
+from gristmill.spec.flow import Suspend
 from gristmill.store import flows as flow_store
 from gristmill.store import ids, queue
 from gristmill.store import scripts as script_store
@@ -253,7 +254,8 @@ class RunEngine:
                                      f"Flow {step.flow}: {exc}", step_id)) from None
         child = _new_run(self.run.namespace, step.flow, version, child_input,
                          self.run.priority, self.run.pins, status="running",
-                         parent=(self.run.id, step_path(step_id, indices)))
+                         parent=(self.run.id, step_path(step_id, indices)),
+                         submitted_by=self.run.submitted_by)  # its gates guard the same run
         await flow_store.insert_run(self.conn, child)
         await self._save(StepRow(step_path(step_id, indices), step_id, "running",
                                  child_run_id=child.id))
@@ -271,19 +273,21 @@ class RunEngine:
     # ---- steps ending ------------------------------------------------------------------
 
     async def after_step(self, step_id: str, indices: Indices, result: Any,
-                         skipped: bool = False, approved: bool = False,
+                         skipped: bool = False, approval: dict[str, Any] | None = None,
                          failed: dict[str, Any] | None = None) -> None:
-        """A step's work is done (or it was skipped, or it failed with continueOnError)."""
+        """A step's work is done (or it was skipped, or it failed with continueOnError).
+        `approval`: a suspended step was approved (who, when), kept in its state."""
         step = self.plan.steps[step_id].step
         path = step_path(step_id, indices)
-        if step.suspend and not skipped and not approved and failed is None:
+        if step.suspend and not skipped and approval is None and failed is None:
             timer = self._timer(parse_duration(step.suspend.timeout), "suspend", path)
             await self._save(StepRow(path, step_id, "suspended", result=result,
                                      state={"timer": str(timer)}))
             return
         if not skipped:
             await self._save(StepRow(path, step_id, "failed" if failed else "succeeded",
-                                     result=result, error=failed))
+                                     result=result, error=failed,
+                                     state={"approval": approval} if approval else None))
         try:
             if step.stopWhen and not skipped and await self._evaluate(
                     step_id, indices, "stopWhen", step.stopWhen,
@@ -454,9 +458,11 @@ class StepFailure(Exception):
 
 def _new_run(namespace: str, name: str, version: str, run_input: dict[str, Any], priority: int,
              pins: dict[str, Any], status: str, parent: tuple[uuid.UUID, str] | None = None,
-             restarted_from: uuid.UUID | None = None) -> FlowRun:
+             restarted_from: uuid.UUID | None = None, submitted_by: str | None = None
+             ) -> FlowRun:
     return FlowRun(
         id=ids.new_id(), namespace=namespace, flow_name=name, flow_hash=version,
+        submitted_by=submitted_by,
         status=status, input=run_input, result=None, error=None, priority=priority, pins=pins,
         parent_run_id=parent[0] if parent else None, parent_path=parent[1] if parent else None,
         restarted_from=restarted_from, failure_handled=False, created_at=None, started_at=None,
@@ -536,7 +542,8 @@ async def resolve_pins(conn: psycopg.AsyncConnection, namespace: str, spec_plan:
 
 
 async def submit_flow_run(conn: psycopg.AsyncConnection, namespace: str, name: str,
-                          run_input: dict[str, Any], priority: int | None = None) -> FlowRun:
+                          run_input: dict[str, Any], priority: int | None = None,
+                          submitted_by: str | None = None) -> FlowRun:
     """Create and start (or queue, past the flow's concurrency) a run; commit to make it stick."""
     found = await flow_store.get(conn, namespace, name)
     if found is None:
@@ -555,7 +562,8 @@ async def submit_flow_run(conn: psycopg.AsyncConnection, namespace: str, name: s
         if await flow_store.running_count(conn, namespace, name) >= plan.spec.concurrency:
             status = "queued"
     run = _new_run(namespace, name, found[0], run_input,
-                   plan.spec.priority if priority is None else priority, pins, status)
+                   plan.spec.priority if priority is None else priority, pins, status,
+                   submitted_by=submitted_by)
     await flow_store.insert_run(conn, run)
     if status == "running":
         engine = RunEngine(conn, run, plan)
@@ -656,9 +664,26 @@ async def cancel_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID, reason: s
     return "cancelled"
 
 
+def _check_decider(run: FlowRun, step_id: str, suspend: Suspend, who: str,
+                   groups: Sequence[str]) -> None:
+    """The step's own rule on who decides (on top of RBAC, which the API checked)."""
+    if suspend.forbidSubmitter and run.submitted_by is not None and who == run.submitted_by:
+        raise FlowError(403, f"{who} started flow run {run.id}, and step {step_id} may not be "
+                             f"decided by the run's submitter (suspend.forbidSubmitter): "
+                             f"ask someone else to approve or reject it")
+    rule = suspend.approvers
+    if rule is not None and who not in rule.users and not set(groups) & set(rule.groups):
+        allowed = ([f"users {', '.join(rule.users)}"] if rule.users else []) + (
+            [f"members of {', '.join(rule.groups)}"] if rule.groups else [])
+        raise FlowError(403, f"step {step_id} of flow run {run.id} may be decided only by "
+                             f"{' or '.join(allowed)} (suspend.approvers); you are {who}"
+                             f"{' in ' + ', '.join(groups) if groups else ' in no group'}")
+
+
 async def decide(conn: psycopg.AsyncConnection, run_id: uuid.UUID, approve: bool, who: str,
-                 path: str | None = None) -> str:
-    """Approve or reject a suspended step; returns the step path."""
+                 path: str | None = None, groups: Sequence[str] = ()) -> str:
+    """Approve or reject a suspended step as `who` (in `groups`); returns the step path.
+    The decision and who made it are kept in the step's state."""
     engine = await _engine_for(conn, run_id)
     if engine is None:
         raise FlowError(404, f"flow run {run_id} not found")
@@ -676,21 +701,25 @@ async def decide(conn: psycopg.AsyncConnection, run_id: uuid.UUID, approve: bool
         raise FlowError(409, f"step {path} of flow run {run_id} is not waiting for approval "
                              f"(waiting: {', '.join(suspended) or 'none'})")
     step_id, indices = parse_path(path)
+    _check_decider(engine.run, step_id, engine.plan.steps[step_id].step.suspend, who, groups)
     row = (await flow_store.get_steps(conn, run_id, [path]))[path]
     engine.effects.cancel_jobs.append(uuid.UUID(row.state["timer"]))
+    decision = {"by": who, "groups": list(groups), "at": dt.datetime.now(dt.UTC).isoformat()}
     if approve:
-        await engine.after_step(step_id, indices, row.result, approved=True)
+        await engine.after_step(step_id, indices, row.result, approval=decision)
     else:
         await engine.step_failed(step_id, indices, _error(
-            "rejected", f"step {step_id} was rejected by {who}", step_id))
+            "rejected", f"step {step_id} was rejected by {who}", step_id, by=who,
+            groups=list(groups), at=decision["at"]))
     await _flush(engine)
     return path
 
 
-async def restart_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID, from_step: str
-                      ) -> FlowRun:
+async def restart_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID, from_step: str,
+                      restarted_by: str | None = None) -> FlowRun:
     """A new run of the same Flow version and input that reuses the results of the steps
-    before `from_step` (a top-level step) and runs from there.
+    before `from_step` (a top-level step) and runs from there. Whoever restarts it is
+    the new run's submitter.
 
     Scripts are resolved anew, so a Script fixed since the failure runs fixed: the usual
     reason to restart from the failed step.
@@ -715,7 +744,7 @@ async def restart_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID, from_ste
                              f"{', '.join(unfinished)} did not succeed in run {run_id}")
     pins = await resolve_pins(conn, old.namespace, plan, seen=(old.flow_name,))
     run = _new_run(old.namespace, old.flow_name, old.flow_hash, old.input, old.priority,
-                   pins, "running", restarted_from=old.id)
+                   pins, "running", restarted_from=old.id, submitted_by=restarted_by)
     await flow_store.insert_run(conn, run)
     await flow_store.copy_steps(conn, run.id, old.id, earlier)
     engine = RunEngine(conn, run, plan)

@@ -50,9 +50,38 @@ class RetryPolicy(KubernetesModel):
     maxDelay: Duration = Field("5m", description="Upper bound of the delay.")
 
 
+# Kubernetes user and group names: any text but empty, as RBAC subjects have them.
+SubjectName = Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class Approvers(KubernetesModel):
+    """Who may decide a suspended step: a caller whose username is in `users` or who is in
+    one of `groups` (as the API server authenticated them, e.g. a ServiceAccount is
+    system:serviceaccount:NAMESPACE:NAME). On top of RBAC's update on runs/approval."""
+
+    users: list[SubjectName] = Field(default_factory=list, max_length=100,
+                                     description="Usernames that may approve or reject.")
+    groups: list[SubjectName] = Field(default_factory=list, max_length=100,
+                                      description="Groups whose members may approve or "
+                                                  "reject.")
+
+    @model_validator(mode="after")
+    def _names_someone(self) -> Approvers:
+        if not self.users and not self.groups:
+            raise ValueError("approvers names nobody: list users or groups, or leave "
+                             "approvers out to let anyone with update on runs/approval "
+                             "decide")
+        return self
+
+
 class Suspend(KubernetesModel):
     timeout: Duration = Field("24h", description="Reject the step when nobody answers by then.")
     message: str | None = Field(None, description="Shown to whoever is asked to approve.")
+    approvers: Approvers | None = Field(
+        None, description="Only these users or groups may decide (default: anyone allowed "
+                          "update on runs/approval in the run's namespace).")
+    forbidSubmitter: bool = Field(False, description="The user who started the run may not "
+                                                     "decide this step (four eyes).")
 
 
 class Branch(KubernetesModel):

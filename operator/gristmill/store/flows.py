@@ -75,6 +75,7 @@ class FlowRun:
     created_at: Any
     started_at: Any
     finished_at: Any
+    submitted_by: str | None = None  # the authenticated username that started it
 
 
 async def insert_run(conn: psycopg.AsyncConnection, run: FlowRun) -> None:
@@ -83,6 +84,7 @@ async def insert_run(conn: psycopg.AsyncConnection, run: FlowRun) -> None:
         "flow_hash": run.flow_hash, "status": run.status, "input": Jsonb(run.input),
         "priority": run.priority, "pins": Jsonb(run.pins), "parent_run_id": run.parent_run_id,
         "parent_path": run.parent_path, "restarted_from": run.restarted_from,
+        "submitted_by": run.submitted_by,
     })
 
 
@@ -92,6 +94,13 @@ async def get_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID, lock: bool =
     await cur.execute(queries.LOCK_FLOW_RUN if lock else queries.GET_FLOW_RUN, [run_id])
     row = await cur.fetchone()
     return FlowRun(**row) if row else None
+
+
+async def run_namespace(conn: psycopg.AsyncConnection, run_id: uuid.UUID) -> str | None:
+    """The namespace of a run of either kind (a job or a flow run), or None if unknown."""
+    cur = await conn.execute(queries.RUN_NAMESPACE, {"id": run_id})
+    row = await cur.fetchone()
+    return row[0] if row else None
 
 
 async def running_count(conn: psycopg.AsyncConnection, namespace: str, name: str) -> int:

@@ -323,13 +323,22 @@ ORDER BY f.namespace, f.name
 
 INSERT_FLOW_RUN = """
 INSERT INTO flow_runs (id, namespace, flow_name, flow_hash, status, input, priority, pins,
-                       parent_run_id, parent_path, restarted_from, started_at)
+                       parent_run_id, parent_path, restarted_from, submitted_by, started_at)
 VALUES (%(id)s, %(namespace)s, %(flow_name)s, %(flow_hash)s, %(status)s, %(input)s,
         %(priority)s, %(pins)s, %(parent_run_id)s, %(parent_path)s, %(restarted_from)s,
-        CASE WHEN %(status)s = 'running' THEN now() END)
+        %(submitted_by)s, CASE WHEN %(status)s = 'running' THEN now() END)
 """
 
 GET_FLOW_RUN = "SELECT * FROM flow_runs WHERE id = %s"
+
+# The namespace a run (a job, active or finished, or a flow run) belongs to: what the API
+# authorizes a request by run id against.
+RUN_NAMESPACE = """
+SELECT namespace FROM jobs WHERE id = %(id)s
+UNION ALL SELECT namespace FROM job_history WHERE id = %(id)s
+UNION ALL SELECT namespace FROM flow_runs WHERE id = %(id)s
+LIMIT 1
+"""
 LOCK_FLOW_RUN = "SELECT * FROM flow_runs WHERE id = %s FOR UPDATE"
 
 COUNT_RUNNING_FLOW_RUNS = """
@@ -375,7 +384,8 @@ FROM flow_steps WHERE run_id = %s AND path = ANY (%s)
 # Every step instance of a run with the attempts and timings of its job, for display.
 RUN_STEPS = """
 SELECT s.path, s.step_id, s.status, s.result, s.error, s.job_id, s.child_run_id,
-       s.started_at, s.finished_at, coalesce(j.attempt, h.attempts) AS attempts
+       s.started_at, s.finished_at, coalesce(j.attempt, h.attempts) AS attempts,
+       s.state -> 'approval' AS approval
 FROM flow_steps s
 LEFT JOIN jobs j ON j.id = s.job_id
 LEFT JOIN job_history h ON h.id = s.job_id AND j.id IS NULL

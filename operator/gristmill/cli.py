@@ -1,4 +1,5 @@
-"""The `gristmill` command: dev, run, get, logs, cancel, worker, api, migrate, apply."""
+"""The `gristmill` command: dev, run, runs, get, logs, cancel, audit, worker, api, migrate,
+apply."""
 
 from __future__ import annotations
 
@@ -137,6 +138,57 @@ def cmd_get_run(args: argparse.Namespace) -> int:
         print("steps:")
         _print_steps(run["steps"], 1)
     return 0
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _listing(pages, args: argparse.Namespace, header: tuple[str, ...], row, noun: str) -> int:
+    """Print a listing's pages as a table (or JSON), saying when more pages follow."""
+    items: list[dict[str, Any]] = []
+    following = None
+    for page in pages:
+        items += page["items"]
+        following = page["next"]
+    if args.output == "json":
+        _print_json({"items": items, "next": following})
+        return 0
+    if not items:
+        print(f"no {noun} match", file=sys.stderr)
+        return 0
+    _table([row(item) for item in items], header)
+    if following:
+        print(f"(more {noun}: repeat with --all-pages, or a larger --limit)", file=sys.stderr)
+    return 0
+
+
+def _duration(ms: float | None) -> str:
+    if ms is None:
+        return ""
+    return f"{ms:.0f}ms" if ms < 1000 else f"{ms / 1000:.1f}s"
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    query = {"script": args.script, "flow": args.flow, "kind": args.kind,
+             "status": args.status, "since": args.since, "until": args.until,
+             "label": args.label, "limit": str(args.limit)}
+    pages = Client(args.server).list_runs(args.namespace, query, args.all_pages)
+    return _listing(pages, args, ("ID", "KIND", "NAME", "STATUS", "CREATED", "DURATION"),
+                    lambda run: (run["id"], run["kind"], run["name"] or "", run["status"],
+                                 run["createdAt"][:19], _duration(run["durationMs"])), "runs")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    query = {"action": args.action, "user": args.user, "run": args.run, "since": args.since,
+             "until": args.until, "limit": str(args.limit)}
+    pages = Client(args.server).list_audit(args.namespace, query, args.all_pages)
+    return _listing(pages, args, ("AT", "USER", "ACTION", "RUN", "TARGET", "SOURCE"),
+                    lambda entry: (entry["at"][:19], entry["user"]["username"],
+                                   entry["action"], entry["run"] or "",
+                                   entry["target"] or "", entry["source"]), "audit entries")
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -411,6 +463,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=["json"])
     client_args(p)
     p.set_defaults(func=cmd_get_run)
+
+    def listing_args(p: argparse.ArgumentParser, noun: str) -> None:
+        p.add_argument("-n", "--namespace", default="default")
+        p.add_argument("--since", help="only since this: a duration ago (1h, 7d) or an "
+                                       "RFC 3339 time")
+        p.add_argument("--until", help="only before this (a duration ago or a time)")
+        p.add_argument("--limit", type=_positive_int, default=50,
+                       help=f"{noun} per page, up to 500 (%(default)s)")
+        p.add_argument("--all-pages", action="store_true", help="print every page")
+        p.add_argument("-o", "--output", choices=["json"])
+        client_args(p)
+
+    p = sub.add_parser("runs", help="list a namespace's runs, newest first")
+    p.add_argument("--script", help="only runs of this Script")
+    p.add_argument("--flow", help="only runs of this Flow")
+    p.add_argument("--kind", choices=["script", "flow"])
+    p.add_argument("--status", action="append",
+                   help="only runs in this status (repeatable, or a comma list: "
+                        "failed,cancelled)")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE",
+                   help="only runs with this label (repeatable: all of them)")
+    listing_args(p, "runs")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("audit", help="who submitted, cancelled, approved, rejected or "
+                                     "restarted what")
+    p.add_argument("--user", help="only what this user did")
+    p.add_argument("--action", action="append",
+                   help="only this action: submit, cancel, approve, reject, restart "
+                        "(repeatable)")
+    p.add_argument("--run", help="only changes to this run")
+    listing_args(p, "entries")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("logs", help="print a run's log")
     p.add_argument("run_id")

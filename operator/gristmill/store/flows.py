@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -75,6 +75,7 @@ class FlowRun:
     created_at: Any
     started_at: Any
     finished_at: Any
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 async def insert_run(conn: psycopg.AsyncConnection, run: FlowRun) -> None:
@@ -83,6 +84,7 @@ async def insert_run(conn: psycopg.AsyncConnection, run: FlowRun) -> None:
         "flow_hash": run.flow_hash, "status": run.status, "input": Jsonb(run.input),
         "priority": run.priority, "pins": Jsonb(run.pins), "parent_run_id": run.parent_run_id,
         "parent_path": run.parent_path, "restarted_from": run.restarted_from,
+        "labels": Jsonb(run.labels),
     })
 
 

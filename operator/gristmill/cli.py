@@ -51,6 +51,17 @@ def _read_input(args: argparse.Namespace) -> dict[str, Any]:
     return value
 
 
+def _labels(pairs: list[str]) -> dict[str, str]:
+    """--label KEY=VALUE, repeated (the server checks the syntax)."""
+    labels = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals:
+            raise UsageError(f"--label {pair!r} is not KEY=VALUE, e.g. --label team=payments")
+        labels[key] = value
+    return labels
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=False))
 
@@ -71,6 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"input": _read_input(args)}
     if args.priority is not None:
         body["priority"] = args.priority
+    if args.label:
+        body["labels"] = _labels(args.label)
     # A fresh Idempotency-Key for this invocation: a submit retried after a dropped
     # connection or a 503 is the same request to the server, never a second run.
     submitted = client.submit(f"{args.what}s", args.namespace, args.name, body,
@@ -450,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input", help="input as a JSON object")
         p.add_argument("--input-file", help="file holding the input JSON (- for stdin)")
         p.add_argument("--priority", type=int)
+        p.add_argument("--label", action="append", metavar="KEY=VALUE",
+                       help="label the run (repeatable); `gristmill runs --label` finds it")
         p.add_argument("--wait", action="store_true", help="wait and print the result")
         p.add_argument("--timeout", type=float, help="with --wait: give up after SECONDS")
         p.add_argument("-o", "--output", choices=["json"], help="print the whole run as JSON")

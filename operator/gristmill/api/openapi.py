@@ -26,6 +26,11 @@ _LABELS = {"type": "object", "maxProperties": run_labels.MAX_LABELS,
            "description": "Kubernetes-style labels (keys such as team or example.com/team, "
                           "values of up to 63 letters, digits, '-', '_' or '.'); the run "
                           "listing filters by them (label=KEY=VALUE)"}
+# What listing.time_param takes: an RFC 3339 time, or a duration (spec.parse_duration).
+_TIME_OR_DURATION = {"anyOf": [
+    {"type": "string", "format": "date-time"},
+    {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$|^[0-9]+(\.[0-9]+)?$"},
+]}
 _NEXT = {"type": ["string", "null"],
          "description": "The cursor of the next page (null on the last page)"}
 
@@ -304,13 +309,16 @@ PARAMETERS: dict[str, Any] = {
                      "style": "form", "explode": True,
                      "description": "Only runs in these statuses (repeat it, or give a comma "
                                     "list: status=failed,cancelled)"},
-    "since": {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+    "since": {"name": "since", "in": "query", "required": False, "schema": _TIME_OR_DURATION,
               "description": "Only what happened at or after this: an RFC 3339 time, or a "
                              "duration ago (30m, 1h, 7d)", "example": "1h"},
-    "until": {"name": "until", "in": "query", "required": False, "schema": {"type": "string"},
+    "until": {"name": "until", "in": "query", "required": False, "schema": _TIME_OR_DURATION,
               "description": "Only what happened before this (a time or a duration ago)"},
     "labelFilter": {"name": "label", "in": "query", "required": False,
-                    "schema": {"type": "array", "items": {"type": "string"}},
+                    "schema": {"type": "array", "items": {
+                        "type": "string", "maxLength": 317,
+                        "pattern": r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+                                   r"=([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"}},
                     "style": "form", "explode": True,
                     "description": "KEY=VALUE: only runs with this label (repeat it: all of "
                                    "them)", "example": ["team=payments"]},
@@ -319,8 +327,9 @@ PARAMETERS: dict[str, Any] = {
                          "default": listing.DEFAULT_LIMIT},
               "description": "Items per page"},
     "cursor": {"name": "cursor", "in": "query", "required": False,
-               "schema": {"type": "string"},
-               "description": "The `next` of the previous page, with the same filters"},
+               "schema": {"type": "string", "maxLength": 512},
+               "description": "The `next` of the previous page, with the same filters "
+                              "(opaque: any other value is a 400)"},
     "actionFilter": {"name": "action", "in": "query", "required": False,
                      "schema": {"type": "array", "items": {"type": "string", "enum": [
                          str(a) for a in AuditAction]}},

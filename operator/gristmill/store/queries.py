@@ -432,10 +432,13 @@ LIMIT 1
 
 # The listing is one UNION ALL of the branches its filters need (store/run_listing.py
 # picks them), each newest first and cut at the page size, then merged. Every branch
-# names its table `r` and reads one status per ordered index scan (LATERAL over the
-# statuses asked for), so a page is a few index probes however long the history is.
+# names its table `r`. The history and flow runs have a branch per status, the status a
+# parameter: with it fixed, the index on (namespace, status, created_at, id) yields rows
+# in the listing's order, each partition's scan stops after a page, and a page costs a
+# few index probes however long the history is (with `status = ANY (...)`, or a status
+# from a join, PostgreSQL 15 must sort every matching row instead).
 # {conditions} is made only of the LIST_RUNS_WHERE_* fragments below, never of request
-# text; values are parameters.
+# text; {status} names a parameter (status_succeeded, ...); values are parameters.
 LIST_RUNS_LIVE_SCRIPTS = """
 SELECT 'script' AS kind, r.id, r.namespace, r.script_name AS name, r.status, r.labels,
        r.created_at, r.started_at, NULL::timestamptz AS finished_at
@@ -446,27 +449,21 @@ ORDER BY r.created_at DESC, r.id DESC LIMIT %(limit)s
 """
 
 LIST_RUNS_FINISHED_SCRIPTS = """
-SELECT page.* FROM unnest(%(finished_statuses)s::text[]) AS wanted(status)
-CROSS JOIN LATERAL (
-    SELECT 'script' AS kind, r.id, r.namespace, r.script_name AS name, r.status, r.labels,
-           r.created_at, r.started_at, r.finished_at
-    FROM job_history r
-    WHERE r.namespace = %(namespace)s AND r.flow_run_id IS NULL AND r.kind = 'script'
-      AND r.status = wanted.status{conditions}{finished_since}
-    ORDER BY r.created_at DESC, r.id DESC LIMIT %(limit)s
-) AS page
+SELECT 'script' AS kind, r.id, r.namespace, r.script_name AS name, r.status, r.labels,
+       r.created_at, r.started_at, r.finished_at
+FROM job_history r
+WHERE r.namespace = %(namespace)s AND r.flow_run_id IS NULL AND r.kind = 'script'
+  AND r.status = %({status})s{conditions}{finished_since}
+ORDER BY r.created_at DESC, r.id DESC LIMIT %(limit)s
 """
 
 LIST_RUNS_FLOWS = """
-SELECT page.* FROM unnest(%(flow_statuses)s::text[]) AS wanted(status)
-CROSS JOIN LATERAL (
-    SELECT 'flow' AS kind, r.id, r.namespace, r.flow_name AS name, r.status, r.labels,
-           r.created_at, r.started_at, r.finished_at
-    FROM flow_runs r
-    WHERE r.namespace = %(namespace)s AND r.parent_run_id IS NULL
-      AND r.status = wanted.status{conditions}
-    ORDER BY r.created_at DESC, r.id DESC LIMIT %(limit)s
-) AS page
+SELECT 'flow' AS kind, r.id, r.namespace, r.flow_name AS name, r.status, r.labels,
+       r.created_at, r.started_at, r.finished_at
+FROM flow_runs r
+WHERE r.namespace = %(namespace)s AND r.parent_run_id IS NULL
+  AND r.status = %({status})s{conditions}
+ORDER BY r.created_at DESC, r.id DESC LIMIT %(limit)s
 """
 
 LIST_RUNS = """

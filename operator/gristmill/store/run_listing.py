@@ -94,20 +94,21 @@ def statement(query: RunQuery) -> tuple[str, dict[str, Any]]:
     if query.name is not None:
         params["name"] = query.name
     branches = []
+    for status in _ordered(query.statuses):
+        params[f"status_{status}"] = status
     if RunKind.SCRIPT in query.kinds:
         scripts = common + ([queries.LIST_RUNS_WHERE_SCRIPT] if query.name is not None else [])
         if query.statuses & LIVE:
             params["live_statuses"] = _ordered(query.statuses & LIVE)
             branches.append(pages.compose(queries.LIST_RUNS_LIVE_SCRIPTS, scripts))
-        if query.statuses & FINISHED:
-            params["finished_statuses"] = _ordered(query.statuses & FINISHED)
-            branches.append(pages.compose(
-                queries.LIST_RUNS_FINISHED_SCRIPTS, scripts,
-                finished_since=queries.LIST_RUNS_FINISHED_SINCE if query.since else ""))
+        branches += [pages.compose(
+            queries.LIST_RUNS_FINISHED_SCRIPTS, scripts, status=f"status_{status}",
+            finished_since=queries.LIST_RUNS_FINISHED_SINCE if query.since else "")
+            for status in _ordered(query.statuses & FINISHED)]
     if RunKind.FLOW in query.kinds:
         flows = common + ([queries.LIST_RUNS_WHERE_FLOW] if query.name is not None else [])
-        params["flow_statuses"] = _ordered(query.statuses)
-        branches.append(pages.compose(queries.LIST_RUNS_FLOWS, flows))
+        branches += [pages.compose(queries.LIST_RUNS_FLOWS, flows, status=f"status_{status}")
+                     for status in _ordered(query.statuses)]
     if not branches:  # e.g. Script runs of no status at all: nothing can match
         return "SELECT NULL WHERE false", {}
     union = "\nUNION ALL\n".join(f"({branch})" for branch in branches)

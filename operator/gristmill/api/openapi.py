@@ -31,8 +31,21 @@ _TIME_OR_DURATION = {"anyOf": [
     {"type": "string", "format": "date-time"},
     {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$|^[0-9]+(\.[0-9]+)?$"},
 ]}
-_NEXT = {"type": ["string", "null"],
-         "description": "The cursor of the next page (null on the last page)"}
+
+
+def _page_of(item_schema: str) -> dict[str, Any]:
+    """A listing page: its items and the cursor of the next page."""
+    return {
+        "type": "object",
+        "properties": {"items": {"type": "array",
+                                 "items": {"$ref": f"#/components/schemas/{item_schema}"}},
+                       "next": {"type": ["string", "null"],
+                                "description": "The cursor of the next page (null on the "
+                                               "last page)"}},
+        "required": ["items", "next"],
+        "additionalProperties": False,
+    }
+
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -212,14 +225,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["id", "kind", "namespace", "name", "status", "labels", "createdAt"],
         "additionalProperties": False,
     },
-    "RunList": {
-        "type": "object",
-        "properties": {"items": {"type": "array",
-                                 "items": {"$ref": "#/components/schemas/RunSummary"}},
-                       "next": _NEXT},
-        "required": ["items", "next"],
-        "additionalProperties": False,
-    },
+    "RunList": _page_of("RunSummary"),
     "AuditEntry": {
         "type": "object",
         "properties": {
@@ -242,14 +248,7 @@ SCHEMAS: dict[str, Any] = {
                      "detail"],
         "additionalProperties": False,
     },
-    "AuditList": {
-        "type": "object",
-        "properties": {"items": {"type": "array",
-                                 "items": {"$ref": "#/components/schemas/AuditEntry"}},
-                       "next": _NEXT},
-        "required": ["items", "next"],
-        "additionalProperties": False,
-    },
+    "AuditList": _page_of("AuditEntry"),
     "Definitions": {
         "type": "array",
         "items": {

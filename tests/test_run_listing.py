@@ -217,3 +217,19 @@ async def test_an_unknown_namespace_or_bad_one_in_the_path(api):
     assert (await api.runs(namespace="nowhere"))["items"] == []
     status, answer = await api.call("GET", "/api/v1/namespaces/Bad_NS/runs")
     assert status == 400 and "not a valid name" in answer["error"]
+
+
+@pytest.mark.parametrize("fields", [
+    {"at": "2026-12-01T00:00:00+00:00", "id": 5, "q": "x"},
+    {"at": 5, "id": "3f2b8c4e-1d2a-4b6e-9f10-2a3b4c5d6e7f", "q": "x"},
+    {"at": "2026-12-01T00:00:00+00:00", "id": {"a": 1}, "q": "x"},
+    ["not", "an", "object"],
+])
+async def test_a_well_formed_cursor_of_nonsense_is_a_400(api, fields):
+    from gristmill.api import cursor as cursors
+
+    payload = json.dumps(fields).encode()
+    forged = base64.urlsafe_b64encode(payload + cursors._checksum(payload)).decode()
+    status, answer = await api.call("GET", "/api/v1/namespaces/default/runs",
+                                    params={"cursor": forged})
+    assert status == 400 and "cursor" in answer["error"], answer

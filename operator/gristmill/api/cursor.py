@@ -60,7 +60,7 @@ def decode(text: str, digest: str, parse_id: Callable[[str], Any]) -> Before:
     try:
         fields = json.loads(payload)
         at = dt.datetime.fromisoformat(fields["at"])
-        row_id = parse_id(fields["id"])
+        row_id = parse_id(str(fields["id"]))
         cursor_digest = fields["q"]
     except (ValueError, KeyError, TypeError):
         raise damaged from None

@@ -149,52 +149,52 @@ async def deep_cursor(conn: psycopg.AsyncConnection, query: RunQuery, pages: int
 
 
 async def run(args: argparse.Namespace) -> None:
-    async with throwaway_postgres("listing") as (_, url):
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            await load(conn, args.rows, args.namespaces, args.audit_rows)
-            now = dt.datetime.now(dt.UTC)
-            ns = "team-3"
-            base = RunQuery(namespace=ns, limit=51)  # the API reads one more than a page
-            twenty_days = Before(now - dt.timedelta(days=20), uuid.UUID(int=0))
-            cases = [
-                ("first page, no filter", base),
-                ("status=failed", RunQuery(ns, statuses=frozenset({RunStatus.FAILED}),
-                                           limit=51)),
-                ("script=script-13", RunQuery(ns, kinds=frozenset({RunKind.SCRIPT}),
-                                              name="script-13", limit=51)),
-                ("script=script-13&status=failed", RunQuery(
-                    ns, kinds=frozenset({RunKind.SCRIPT}), name="script-13",
-                    statuses=frozenset({RunStatus.FAILED}), limit=51)),
-                ("kind=flow&status=failed", RunQuery(
-                    ns, kinds=frozenset({RunKind.FLOW}),
-                    statuses=frozenset({RunStatus.FAILED}), limit=51)),
-                ("since=1h", RunQuery(ns, since=now - dt.timedelta(hours=1), limit=51)),
-                ("label=team=t3", RunQuery(ns, labels={"team": "t3"}, limit=51)),
-                ("page 200 (cursor), no filter", RunQuery(
-                    ns, before=await deep_cursor(conn, base, 200), limit=51)),
-                ("20 days back (cursor), no filter", RunQuery(ns, before=twenty_days,
-                                                              limit=51)),
-                ("20 days back, status=failed", RunQuery(
-                    ns, statuses=frozenset({RunStatus.FAILED}), before=twenty_days,
-                    limit=51)),
-            ]
-            audit_cases = [
-                ("audit: first page", audit.AuditQuery(ns, limit=51)),
-                ("audit: user + action=cancel", audit.AuditQuery(
-                    ns, user="user-3@example.com", actions=frozenset({AuditAction.CANCEL}),
-                    limit=51)),
-                ("audit: 20 days back", audit.AuditQuery(
-                    ns, before=Before(now - dt.timedelta(days=20), 2**62), limit=51)),
-            ]
-            results = []
-            for label, query in cases:
-                sql, params = run_listing.statement(query)
-                results.append((label, *await timed(conn, sql, params),
-                                await explain(conn, sql, params)))
-            for label, query in audit_cases:
-                sql, params = audit.statement(query)
-                results.append((label, *await timed(conn, sql, params),
-                                await explain(conn, sql, params)))
+    async with throwaway_postgres("listing") as (_, url), \
+            await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await load(conn, args.rows, args.namespaces, args.audit_rows)
+        now = dt.datetime.now(dt.UTC)
+        ns = "team-3"
+        base = RunQuery(namespace=ns, limit=51)  # the API reads one more than a page
+        twenty_days = Before(now - dt.timedelta(days=20), uuid.UUID(int=0))
+        cases = [
+            ("first page, no filter", base),
+            ("status=failed", RunQuery(ns, statuses=frozenset({RunStatus.FAILED}),
+                                       limit=51)),
+            ("script=script-13", RunQuery(ns, kinds=frozenset({RunKind.SCRIPT}),
+                                          name="script-13", limit=51)),
+            ("script=script-13&status=failed", RunQuery(
+                ns, kinds=frozenset({RunKind.SCRIPT}), name="script-13",
+                statuses=frozenset({RunStatus.FAILED}), limit=51)),
+            ("kind=flow&status=failed", RunQuery(
+                ns, kinds=frozenset({RunKind.FLOW}),
+                statuses=frozenset({RunStatus.FAILED}), limit=51)),
+            ("since=1h", RunQuery(ns, since=now - dt.timedelta(hours=1), limit=51)),
+            ("label=team=t3", RunQuery(ns, labels={"team": "t3"}, limit=51)),
+            ("page 200 (cursor), no filter", RunQuery(
+                ns, before=await deep_cursor(conn, base, 200), limit=51)),
+            ("20 days back (cursor), no filter", RunQuery(ns, before=twenty_days,
+                                                          limit=51)),
+            ("20 days back, status=failed", RunQuery(
+                ns, statuses=frozenset({RunStatus.FAILED}), before=twenty_days,
+                limit=51)),
+        ]
+        audit_cases = [
+            ("audit: first page", audit.AuditQuery(ns, limit=51)),
+            ("audit: user + action=cancel", audit.AuditQuery(
+                ns, user="user-3@example.com", actions=frozenset({AuditAction.CANCEL}),
+                limit=51)),
+            ("audit: 20 days back", audit.AuditQuery(
+                ns, before=Before(now - dt.timedelta(days=20), 2**62), limit=51)),
+        ]
+        results = []
+        for label, query in cases:
+            sql, params = run_listing.statement(query)
+            results.append((label, *await timed(conn, sql, params),
+                            await explain(conn, sql, params)))
+        for label, query in audit_cases:
+            sql, params = audit.statement(query)
+            results.append((label, *await timed(conn, sql, params),
+                            await explain(conn, sql, params)))
     print(f"\n{args.rows:,} history rows, {args.namespaces} namespaces; a page of 50 in "
           f"namespace {ns}:\n")
     print("| listing | rows | p50 ms | max ms |\n| --- | --- | --- | --- |")

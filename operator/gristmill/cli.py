@@ -156,7 +156,7 @@ def cmd_get_run(args: argparse.Namespace) -> int:
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def _listing(pages, args: argparse.Namespace, header: tuple[str, ...], row, noun: str) -> int:

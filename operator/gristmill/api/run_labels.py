@@ -46,8 +46,8 @@ def value_problem(key: str, value: str) -> str | None:
 def check_labels(value: Any, where: str = "labels") -> dict[str, str]:
     """The labels of a submit body's `labels` field, checked."""
     if not isinstance(value, dict):
-        raise ValueProblem(where, f"must be an object of strings, such as "
-                                  f"{{\"team\": \"payments\"}}")
+        raise ValueProblem(where, 'must be an object of strings, such as '
+                                  '{"team": "payments"}')
     if len(value) > MAX_LABELS:
         raise ValueProblem(where, f"has {len(value)} labels; a run takes at most {MAX_LABELS}")
     for key, label_value in value.items():

@@ -72,7 +72,8 @@ def grant_everything(fake: FakeKubernetes, user: str) -> None:
     for verb, resource in [("create", "scripts/runs"), ("create", "flows/runs"),
                            ("get", "runs"), ("update", "runs/cancel"),
                            ("update", "runs/approval"), ("update", "runs/restart"),
-                           ("list", "scripts"), ("list", "flows")]:
+                           ("list", "scripts"), ("list", "flows"), ("list", "runs"),
+                           ("list", "audit")]:
         fake.allow(user, verb, resource, NS)
 
 
@@ -112,6 +113,10 @@ CASES: dict[tuple[str, str], RouteCase] = {
     ("POST", "/api/v1/namespaces/{namespace}/flows/{name}/runs"): (
         lambda runs: f"/api/v1/namespaces/{NS}/flows/gated/runs", {},
         [("create", "flows/runs", NS, "gated")]),
+    ("GET", "/api/v1/namespaces/{namespace}/runs"): (
+        lambda runs: f"/api/v1/namespaces/{NS}/runs", None, [("list", "runs", NS, "")]),
+    ("GET", "/api/v1/namespaces/{namespace}/audit"): (
+        lambda runs: f"/api/v1/namespaces/{NS}/audit", None, [("list", "audit", NS, "")]),
     ("GET", "/api/v1/runs/{id}"): (lambda runs: f"/api/v1/runs/{runs['script']}", None, [READ]),
     ("GET", "/api/v1/runs/{id}/logs"): (
         lambda runs: f"/api/v1/runs/{runs['script']}/logs", None, [READ]),

@@ -179,6 +179,57 @@ def test_metrics_report_the_queue(dev):
     assert "gristmill_queue_oldest_job_age_seconds" in text
 
 
+def _labelled_runs(dev, label: str, count: int) -> list[str]:
+    ids = []
+    for i in range(count):
+        done = gristmill("run", "script", "hello", "--input", json.dumps({"name": str(i)}),
+                         "--label", label, "--label", "suite=cli", "-o", "json", "--wait",
+                         server=dev["server"])
+        assert done.returncode == 0, done.stderr
+        ids.append(json.loads(done.stdout)["id"])
+    return ids
+
+
+def test_runs_lists_filters_and_pages(dev):
+    ids = _labelled_runs(dev, "test=runs-listing", 3)
+    table = gristmill("runs", "--label", "test=runs-listing", "--since", "1h",
+                      server=dev["server"])
+    assert table.returncode == 0, table.stderr
+    header, *lines = table.stdout.splitlines()
+    assert header.split() == ["ID", "KIND", "NAME", "STATUS", "CREATED", "DURATION"]
+    assert [line.split()[:4] for line in lines] == [
+        [run_id, "script", "hello", "succeeded"] for run_id in reversed(ids)]
+    first = gristmill("runs", "--label", "test=runs-listing", "--limit", "2",
+                      server=dev["server"])
+    assert len(first.stdout.splitlines()) == 3 and "--all-pages" in first.stderr
+    every = gristmill("runs", "--label", "test=runs-listing", "--label", "suite=cli",
+                      "--limit", "1", "--all-pages", "-o", "json", server=dev["server"])
+    listed = json.loads(every.stdout)
+    assert [run["id"] for run in listed["items"]] == list(reversed(ids))
+    assert listed["next"] is None and listed["items"][0]["labels"]["suite"] == "cli"
+    none = gristmill("runs", "--label", "test=runs-listing", "--status", "failed,cancelled",
+                     server=dev["server"])
+    assert none.returncode == 0 and none.stdout == "" and "no runs match" in none.stderr
+    bad = gristmill("runs", "--status", "exploded", server=dev["server"])
+    assert bad.returncode == 1 and "status 'exploded' is not one of" in bad.stderr
+
+
+def test_audit_says_who_did_what(dev):
+    (run_id,) = _labelled_runs(dev, "test=audit-cli", 1)
+    listed = gristmill("audit", "--run", run_id, "-o", "json", server=dev["server"])
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = json.loads(listed.stdout)["items"]
+    assert (entry["action"], entry["target"], entry["source"]) == ("submit", "hello",
+                                                                   "127.0.0.1")
+    table = gristmill("audit", "--action", "submit", "--since", "1d", "--limit", "500",
+                      server=dev["server"])
+    header, *lines = table.stdout.splitlines()
+    assert header.split() == ["AT", "USER", "ACTION", "RUN", "TARGET", "SOURCE"]
+    assert any(run_id in line and "submit" in line for line in lines)
+    nobody = gristmill("audit", "--user", "nobody-at-all", server=dev["server"])
+    assert nobody.returncode == 0 and "no audit entries match" in nobody.stderr
+
+
 class FlakyProxy(http.server.ThreadingHTTPServer):
     """Sits between the CLI and the API: the first POST reaches the API but its answer is
     dropped (the connection closes), the second gets a 503, the rest pass through."""

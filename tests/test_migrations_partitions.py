@@ -39,7 +39,9 @@ async def test_finished_jobs_land_in_their_day_partition(db):
 
 async def test_rollover_creates_partitions_ahead_and_retention_drops_old_ones(db):
     created = await maintenance.ensure_partitions(db, days_ahead=10)
-    assert created == 2 * 3  # days 8..10 ahead were new, for both tables
+    tables = maintenance.PARTITIONED_TABLES
+    assert tables == ("job_history", "job_logs", "audit")
+    assert created == len(tables) * 3  # days 8..10 ahead were new, for every table
     assert await maintenance.ensure_partitions(db, days_ahead=10) == 0
     # A row finished 9 days from now goes to that day's partition, not the default one.
     future = dt.datetime.now(dt.UTC) + dt.timedelta(days=9)
@@ -54,8 +56,7 @@ async def test_rollover_creates_partitions_ahead_and_retention_drops_old_ones(db
         db, dt.timedelta(days=7), now=dt.datetime.now(dt.UTC) + dt.timedelta(days=10))
     today = dt.datetime.now(dt.UTC).date()
     expected_days = [today + dt.timedelta(days=d) for d in range(-1, 3)]
-    assert dropped == [f"job_history_p{d:%Y%m%d}" for d in expected_days] + [
-        f"job_logs_p{d:%Y%m%d}" for d in expected_days]
+    assert dropped == [f"{table}_p{d:%Y%m%d}" for table in tables for d in expected_days]
     assert await _partition_of(db, job_id) == f"job_history_p{future:%Y%m%d}"  # kept
 
 

@@ -1,4 +1,5 @@
-"""The `gristmill` command: dev, run, get, logs, cancel, worker, api, migrate, apply."""
+"""The `gristmill` command: dev, run, runs, get, logs, cancel, audit, worker, api, migrate,
+apply."""
 
 from __future__ import annotations
 
@@ -58,6 +59,17 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.server, token=credentials.token, token_source=credentials.source)
 
 
+def _labels(pairs: list[str]) -> dict[str, str]:
+    """--label KEY=VALUE, repeated (the server checks the syntax)."""
+    labels = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals:
+            raise UsageError(f"--label {pair!r} is not KEY=VALUE, e.g. --label team=payments")
+        labels[key] = value
+    return labels
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=False))
 
@@ -78,6 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"input": _read_input(args)}
     if args.priority is not None:
         body["priority"] = args.priority
+    if args.label:
+        body["labels"] = _labels(args.label)
     # A fresh Idempotency-Key for this invocation: a submit retried after a dropped
     # connection or a 503 is the same request to the server, never a second run.
     submitted = client.submit(f"{args.what}s", args.namespace, args.name, body,
@@ -145,6 +159,57 @@ def cmd_get_run(args: argparse.Namespace) -> int:
         print("steps:")
         _print_steps(run["steps"], 1)
     return 0
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _listing(pages, args: argparse.Namespace, header: tuple[str, ...], row, noun: str) -> int:
+    """Print a listing's pages as a table (or JSON), saying when more pages follow."""
+    items: list[dict[str, Any]] = []
+    following = None
+    for page in pages:
+        items += page["items"]
+        following = page["next"]
+    if args.output == "json":
+        _print_json({"items": items, "next": following})
+        return 0
+    if not items:
+        print(f"no {noun} match", file=sys.stderr)
+        return 0
+    _table([row(item) for item in items], header)
+    if following:
+        print(f"(more {noun}: repeat with --all-pages, or a larger --limit)", file=sys.stderr)
+    return 0
+
+
+def _duration(ms: float | None) -> str:
+    if ms is None:
+        return ""
+    return f"{ms:.0f}ms" if ms < 1000 else f"{ms / 1000:.1f}s"
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    query = {"script": args.script, "flow": args.flow, "kind": args.kind,
+             "status": args.status, "since": args.since, "until": args.until,
+             "label": args.label, "limit": str(args.limit)}
+    pages = _client(args).list_runs(args.namespace, query, args.all_pages)
+    return _listing(pages, args, ("ID", "KIND", "NAME", "STATUS", "CREATED", "DURATION"),
+                    lambda run: (run["id"], run["kind"], run["name"] or "", run["status"],
+                                 run["createdAt"][:19], _duration(run["durationMs"])), "runs")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    query = {"action": args.action, "user": args.user, "run": args.run, "since": args.since,
+             "until": args.until, "limit": str(args.limit)}
+    pages = _client(args).list_audit(args.namespace, query, args.all_pages)
+    return _listing(pages, args, ("AT", "USER", "ACTION", "RUN", "TARGET", "SOURCE"),
+                    lambda entry: (entry["at"][:19], entry["user"]["username"],
+                                   entry["action"], entry["run"] or "",
+                                   entry["target"] or "", entry["source"]), "audit entries")
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -467,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input", help="input as a JSON object")
         p.add_argument("--input-file", help="file holding the input JSON (- for stdin)")
         p.add_argument("--priority", type=int)
+        p.add_argument("--label", action="append", metavar="KEY=VALUE",
+                       help="label the run (repeatable); `gristmill runs --label` finds it")
         p.add_argument("--wait", action="store_true", help="wait and print the result")
         p.add_argument("--timeout", type=float, help="with --wait: give up after SECONDS")
         p.add_argument("-o", "--output", choices=["json"], help="print the whole run as JSON")
@@ -480,6 +547,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=["json"])
     client_args(p)
     p.set_defaults(func=cmd_get_run)
+
+    def listing_args(p: argparse.ArgumentParser, noun: str) -> None:
+        p.add_argument("-n", "--namespace", default="default")
+        p.add_argument("--since", help="only since this: a duration ago (1h, 7d) or an "
+                                       "RFC 3339 time")
+        p.add_argument("--until", help="only before this (a duration ago or a time)")
+        p.add_argument("--limit", type=_positive_int, default=50,
+                       help=f"{noun} per page, up to 500 (%(default)s)")
+        p.add_argument("--all-pages", action="store_true", help="print every page")
+        p.add_argument("-o", "--output", choices=["json"])
+        client_args(p)
+
+    p = sub.add_parser("runs", help="list a namespace's runs, newest first")
+    p.add_argument("--script", help="only runs of this Script")
+    p.add_argument("--flow", help="only runs of this Flow")
+    p.add_argument("--kind", choices=["script", "flow"])
+    p.add_argument("--status", action="append",
+                   help="only runs in this status (repeatable, or a comma list: "
+                        "failed,cancelled)")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE",
+                   help="only runs with this label (repeatable: all of them)")
+    listing_args(p, "runs")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("audit", help="who submitted, cancelled, approved, rejected or "
+                                     "restarted what")
+    p.add_argument("--user", help="only what this user did")
+    p.add_argument("--action", action="append",
+                   help="only this action: submit, cancel, approve, reject, restart "
+                        "(repeatable)")
+    p.add_argument("--run", help="only changes to this run")
+    listing_args(p, "entries")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("logs", help="print a run's log")
     p.add_argument("run_id")

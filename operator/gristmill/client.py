@@ -7,9 +7,10 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
@@ -138,6 +139,26 @@ class Client:
 
     def restart(self, run_id: str, from_step: str) -> dict[str, Any]:
         return self._json("POST", f"/api/v1/runs/{run_id}/restart", {"fromStep": from_step})
+
+    def pages(self, path: str, query: Mapping[str, str | Sequence[str] | None],
+              all_pages: bool = False) -> Iterator[dict[str, Any]]:
+        """The pages of a listing ({"items", "next"}): the first, or with `all_pages` each
+        in turn, following `next` with the same filters."""
+        params = {key: value for key, value in query.items() if value not in (None, [], ())}
+        while True:
+            page = self._json("GET", f"{path}?{urllib.parse.urlencode(params, doseq=True)}")
+            yield page
+            if not all_pages or page["next"] is None:
+                return
+            params["cursor"] = page["next"]
+
+    def list_runs(self, namespace: str, query: Mapping[str, str | Sequence[str] | None],
+                  all_pages: bool = False) -> Iterator[dict[str, Any]]:
+        return self.pages(f"/api/v1/namespaces/{namespace}/runs", query, all_pages)
+
+    def list_audit(self, namespace: str, query: Mapping[str, str | Sequence[str] | None],
+                   all_pages: bool = False) -> Iterator[dict[str, Any]]:
+        return self.pages(f"/api/v1/namespaces/{namespace}/audit", query, all_pages)
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         return self._json("GET", f"/api/v1/runs/{run_id}")

@@ -1,7 +1,7 @@
 """Housekeeping of the runtime database, in one loop.
 
-Each round creates the day partitions of the coming week, drops the history
-and log partitions older than the retention (DROP TABLE, no DELETE and no
+Each round creates the day partitions of the coming week, drops the history,
+log and audit partitions older than the retention (DROP TABLE, no DELETE and no
 vacuum), deletes finished flow runs past it, forgets workers gone for a day
 and deletes expired idempotency keys. The API and the operator both run the loop, so it runs wherever Gristmill
 runs; an advisory lock gives each round to one replica, and the others skip it.

@@ -10,6 +10,7 @@ retry can hide gets a 503 with Retry-After; nothing a request sends gets a 500.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ import psycopg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gristmill.api import idempotency, openapi, params, runs
+from gristmill.api import idempotency, identity, listing, openapi, params, run_labels, runs
 from gristmill.api.access import (
     GATE,
     Access,
@@ -41,9 +42,10 @@ from gristmill.api.reviewers import make_reviewers
 from gristmill.api.runs import RunError, SubmitRequest, get_run
 from gristmill.flows import engine as flow_engine
 from gristmill.metrics import observe_queue
+from gristmill.store import audit, logs, queue, run_listing
 from gristmill.store import flows as flow_store
-from gristmill.store import logs, queue
 from gristmill.store import scripts as script_store
+from gristmill.store.audit import AuditAction
 from gristmill.values import ValueProblem
 
 
@@ -69,10 +71,20 @@ def _database(request: web.Request) -> Database:
     return request.app[DATABASE]
 
 
+async def _audit(request: web.Request, conn: psycopg.AsyncConnection, action: AuditAction,
+                 run_id: uuid.UUID, detail: dict[str, Any] | None = None) -> None:
+    """The audit row of a change to a run, in the change's own transaction (`conn`)."""
+    ref = await run_listing.locate_run(conn, run_id)
+    if ref is None:  # the change found the run, so this cannot be: refuse rather than guess
+        raise RunError(404, f"run {run_id} not found")
+    await audit.record(conn, identity.caller_of(request), action, ref.namespace, run_id,
+                       ref.name, detail)
+
+
 # --- submits -------------------------------------------------------------------------------
 
 def _submit_request(body: dict[str, Any], scheduled: bool) -> SubmitRequest:
-    allowed = {"input", "priority"} | ({"scheduledFor"} if scheduled else set())
+    allowed = {"input", "priority", "labels"} | ({"scheduledFor"} if scheduled else set())
     params.check_fields(body, allowed)
     run_input = body.get("input", {})
     if not isinstance(run_input, dict):
@@ -81,7 +93,8 @@ def _submit_request(body: dict[str, Any], scheduled: bool) -> SubmitRequest:
     if "priority" in body and (not isinstance(priority, int) or isinstance(priority, bool)
                                or not -100 <= priority <= 100):
         raise RunError(400, "priority must be an integer from -100 to 100")
-    return SubmitRequest(input=run_input, priority=priority,
+    labels = run_labels.check_labels(body["labels"]) if "labels" in body else {}
+    return SubmitRequest(input=run_input, priority=priority, labels=labels,
                          scheduled_for=params.scheduled_for(body) if scheduled else None)
 
 
@@ -96,7 +109,12 @@ def _submitter(kind: str, submit) -> Handler:
 
         async def work(conn: psycopg.AsyncConnection) -> idempotency.Answer:
             async def make_run() -> dict[str, Any]:
-                return await submit(conn, namespace, name, submit_request)
+                run = await submit(conn, namespace, name, submit_request)
+                # Here, not around submit_once: a replayed key makes no run and no row.
+                await audit.record(conn, identity.caller_of(request), AuditAction.SUBMIT,
+                                   namespace, uuid.UUID(run["id"]), name,
+                                   {"kind": run["kind"]})
+                return run
             if key is None:
                 return idempotency.Answer(201, await make_run())
             return await idempotency.submit_once(conn, namespace, route, key,
@@ -123,7 +141,12 @@ async def show_run(request: web.Request) -> web.Response:
 
 async def cancel_run(request: web.Request) -> web.Response:
     run_id = params.run_id(request)
-    state = await _database(request).write(lambda conn: runs.cancel_run(conn, run_id))
+
+    async def work(conn: psycopg.AsyncConnection) -> str:
+        state = await runs.cancel_run(conn, run_id)
+        await _audit(request, conn, AuditAction.CANCEL, run_id, {"status": state})
+        return state
+    state = await _database(request).write(work)
     return web.json_response({"id": str(run_id), "status": state})
 
 
@@ -136,8 +159,14 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
     params.check_fields(body, {"step"})
     step = params.text_field(body, "step")
     caller = caller_of(request)
-    path = await _database(request).write(lambda conn: flow_engine.decide(
-        conn, run_id, approve, caller.username, step, caller.groups))
+
+    async def work(conn: psycopg.AsyncConnection) -> str:
+        path = await flow_engine.decide(conn, run_id, approve, caller.username, step,
+                                        caller.groups)
+        await _audit(request, conn, AuditAction.APPROVE if approve else AuditAction.REJECT,
+                     run_id, {"step": path})
+        return path
+    path = await _database(request).write(work)
     return web.json_response({"id": str(run_id), "step": path,
                               "decision": "approved" if approve else "rejected"})
 
@@ -158,8 +187,13 @@ async def restart_run(request: web.Request) -> web.Response:
     if from_step is None:
         raise RunError(400, "name the step to restart from: {\"fromStep\": \"STEP_ID\"}")
     restarted_by = caller_of(request).username
-    run = await _database(request).write(
-        lambda conn: flow_engine.restart_run(conn, run_id, from_step, restarted_by))
+
+    async def work(conn: psycopg.AsyncConnection) -> flow_store.FlowRun:
+        run = await flow_engine.restart_run(conn, run_id, from_step, restarted_by)
+        await _audit(request, conn, AuditAction.RESTART, run_id,
+                     {"fromStep": from_step, "newRun": str(run.id)})
+        return run
+    run = await _database(request).write(work)
     return web.json_response({"id": str(run.id), "kind": "flow", "status": run.status,
                               "restartedFrom": str(run_id)}, status=201)
 
@@ -209,6 +243,16 @@ async def _write_flow_logs(db: Database, run: dict[str, Any],
             for seq, chunk in entries:
                 await response.write(chunk.encode())
                 after = seq
+
+
+# --- listings ------------------------------------------------------------------------------
+
+async def list_runs(request: web.Request) -> web.Response:
+    return await listing.list_runs(request, _database(request))
+
+
+async def list_audit(request: web.Request) -> web.Response:
+    return await listing.list_audit(request, _database(request))
 
 
 # --- definitions, health, metrics --------------------------------------------------------
@@ -264,6 +308,8 @@ ROUTES: list[tuple[str, str, Handler, Access]] = [
      InNamespace("create", "scripts", "runs")),
     ("POST", "/api/v1/namespaces/{namespace}/flows/{name}/runs", submit_flow,
      InNamespace("create", "flows", "runs")),
+    ("GET", "/api/v1/namespaces/{namespace}/runs", list_runs, InNamespace("list", "runs")),
+    ("GET", "/api/v1/namespaces/{namespace}/audit", list_audit, InNamespace("list", "audit")),
     ("GET", "/api/v1/runs/{id}", show_run, OnRun("get")),
     ("GET", "/api/v1/runs/{id}/logs", run_logs, OnRun("get")),
     ("POST", "/api/v1/runs/{id}/cancel", cancel_run, OnRun("update", "cancel")),

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from gristmill.api import idempotency, params
+from gristmill.api import idempotency, listing, params, run_labels
+from gristmill.store.audit import AuditAction
+from gristmill.store.run_listing import RunKind, RunStatus
 
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 _NULLABLE_ID = {"type": ["string", "null"], "format": "uuid"}
@@ -19,6 +21,31 @@ _RUN_STATUS = {"type": "string",
 _TEXT = {"type": "string", "minLength": 1, "maxLength": 253, "pattern": "^[^\\u0000]*$"}
 _ERROR_VALUE = {"type": ["object", "null"],
                 "description": "What went wrong: kind, message and, in a flow, step."}
+_LABELS = {"type": "object", "maxProperties": run_labels.MAX_LABELS,
+           "additionalProperties": {"type": "string", "maxLength": 63},
+           "description": "Kubernetes-style labels (keys such as team or example.com/team, "
+                          "values of up to 63 letters, digits, '-', '_' or '.'); the run "
+                          "listing filters by them (label=KEY=VALUE)"}
+# What listing.time_param takes: an RFC 3339 time, or a duration (spec.parse_duration).
+_TIME_OR_DURATION = {"anyOf": [
+    {"type": "string", "format": "date-time"},
+    {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$|^[0-9]+(\.[0-9]+)?$"},
+]}
+
+
+def _page_of(item_schema: str) -> dict[str, Any]:
+    """A listing page: its items and the cursor of the next page."""
+    return {
+        "type": "object",
+        "properties": {"items": {"type": "array",
+                                 "items": {"$ref": f"#/components/schemas/{item_schema}"}},
+                       "next": {"type": ["string", "null"],
+                                "description": "The cursor of the next page (null on the "
+                                               "last page)"}},
+        "required": ["items", "next"],
+        "additionalProperties": False,
+    }
+
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -41,6 +68,7 @@ SCHEMAS: dict[str, Any] = {
                          "description": "Default: the Script's"},
             "scheduledFor": {"type": "string", "format": "date-time",
                              "description": "Not before this time (1970 to 2999)"},
+            "labels": _LABELS,
         },
         "additionalProperties": False,
     },
@@ -50,6 +78,7 @@ SCHEMAS: dict[str, Any] = {
             "input": {"type": "object", "description": "Checked against the Flow's "
                                                        "spec.input"},
             "priority": {"type": "integer", "minimum": -100, "maximum": 100},
+            "labels": _LABELS,
         },
         "additionalProperties": False,
     },
@@ -74,6 +103,7 @@ SCHEMAS: dict[str, Any] = {
             "tag": {"type": "string"},
             "priority": {"type": "integer"},
             "status": _RUN_STATUS,
+            "labels": {"type": "object"},
             "input": {"type": "object"},
             "result": {"description": "The Script's result (any JSON value)"},
             "error": _ERROR_VALUE,
@@ -124,6 +154,7 @@ SCHEMAS: dict[str, Any] = {
             "version": {"type": "string"},
             "priority": {"type": "integer"},
             "status": _RUN_STATUS,
+            "labels": {"type": "object"},
             "input": {"type": "object"},
             "result": {},
             "error": _ERROR_VALUE,
@@ -179,6 +210,47 @@ SCHEMAS: dict[str, Any] = {
         "required": ["id", "kind", "status", "restartedFrom"],
         "additionalProperties": False,
     },
+    "RunSummary": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "kind": {"type": "string", "enum": [str(k) for k in RunKind]},
+            "namespace": {"type": "string"},
+            "name": {"type": ["string", "null"], "description": "The Script or Flow"},
+            "status": _RUN_STATUS,
+            "labels": {"type": "object"},
+            "createdAt": {"type": "string", "format": "date-time"},
+            "startedAt": _NULLABLE_TIME,
+            "finishedAt": _NULLABLE_TIME,
+            "durationMs": {"type": ["number", "null"]},
+        },
+        "required": ["id", "kind", "namespace", "name", "status", "labels", "createdAt"],
+        "additionalProperties": False,
+    },
+    "RunList": _page_of("RunSummary"),
+    "AuditEntry": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "at": {"type": "string", "format": "date-time"},
+            "namespace": {"type": "string"},
+            "user": {"type": "object",
+                     "properties": {"username": {"type": "string"}, "uid": {"type": "string"},
+                                    "groups": {"type": "array", "items": {"type": "string"}}},
+                     "required": ["username", "uid", "groups"],
+                     "additionalProperties": False},
+            "action": {"type": "string", "enum": [str(a) for a in AuditAction]},
+            "run": _NULLABLE_ID,
+            "target": {"type": ["string", "null"], "description": "The Script or Flow"},
+            "source": {"type": "string", "description": "The client's address"},
+            "detail": {"type": "object", "description": "A few facts of the change: the "
+                                                        "step decided, the new run"},
+        },
+        "required": ["id", "at", "namespace", "user", "action", "run", "target", "source",
+                     "detail"],
+        "additionalProperties": False,
+    },
+    "AuditList": _page_of("AuditEntry"),
     "Definitions": {
         "type": "array",
         "items": {
@@ -225,6 +297,52 @@ PARAMETERS: dict[str, Any] = {
               "schema": {"type": "integer", "minimum": 0, "maximum": params.MAX_SEQ,
                          "default": 0},
               "description": "Only log chunks after this sequence number"},
+    "scriptFilter": {"name": "script", "in": "query", "required": False, "schema": _NAME,
+                     "description": "Only runs of this Script"},
+    "flowFilter": {"name": "flow", "in": "query", "required": False, "schema": _NAME,
+                   "description": "Only runs of this Flow"},
+    "kindFilter": {"name": "kind", "in": "query", "required": False,
+                   "schema": {"type": "string", "enum": [str(k) for k in RunKind]},
+                   "description": "Only Script runs or only Flow runs"},
+    "statusFilter": {"name": "status", "in": "query", "required": False,
+                     "schema": {"type": "array", "items": {"type": "string", "enum": [
+                         str(s) for s in RunStatus]}},
+                     "style": "form", "explode": True,
+                     "description": "Only runs in these statuses (repeat it, or give a comma "
+                                    "list: status=failed,cancelled)"},
+    "since": {"name": "since", "in": "query", "required": False, "schema": _TIME_OR_DURATION,
+              "description": "Only what happened at or after this: an RFC 3339 time, or a "
+                             "duration ago (30m, 1h, 7d)", "example": "1h"},
+    "until": {"name": "until", "in": "query", "required": False, "schema": _TIME_OR_DURATION,
+              "description": "Only what happened before this (a time or a duration ago)"},
+    "labelFilter": {"name": "label", "in": "query", "required": False,
+                    "schema": {"type": "array", "items": {
+                        "type": "string", "maxLength": 317,
+                        "pattern": r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+                                   r"=([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"}},
+                    "style": "form", "explode": True,
+                    "description": "KEY=VALUE: only runs with this label (repeat it: all of "
+                                   "them)", "example": ["team=payments"]},
+    "limit": {"name": "limit", "in": "query", "required": False,
+              "schema": {"type": "integer", "minimum": 1, "maximum": listing.MAX_LIMIT,
+                         "default": listing.DEFAULT_LIMIT},
+              "description": "Items per page"},
+    "cursor": {"name": "cursor", "in": "query", "required": False,
+               "schema": {"type": "string", "maxLength": 512},
+               "description": "The `next` of the previous page, with the same filters "
+                              "(opaque: any other value is a 400)"},
+    "actionFilter": {"name": "action", "in": "query", "required": False,
+                     "schema": {"type": "array", "items": {"type": "string", "enum": [
+                         str(a) for a in AuditAction]}},
+                     "style": "form", "explode": True,
+                     "description": "Only these actions (repeat it, or a comma list)"},
+    "userFilter": {"name": "user", "in": "query", "required": False,
+                   "schema": {"type": "string", "minLength": 1,
+                              "maxLength": listing.MAX_USERNAME},
+                   "description": "Only what this user did (the authenticated username)"},
+    "runFilter": {"name": "run", "in": "query", "required": False,
+                  "schema": {"type": "string", "format": "uuid"},
+                  "description": "Only changes to this run"},
     "namespaceFilter": {"name": "namespace", "in": "query", "required": False, "schema": _NAME,
                         "description": "Only this namespace"},
     "idempotencyKey": {
@@ -353,6 +471,19 @@ PATHS: dict[str, dict[str, Any]] = {
         ["namespace", "flowName", "idempotencyKey"], _SUBMIT_ERRORS,
         _body("FlowRunRequest", False, {"input": {"batch": "b-42", "count": 2}}),
         permission="create on flows/runs (name: the Flow) in the namespace")},
+    "/api/v1/namespaces/{namespace}/runs": {"get": _operation(
+        "listRuns", "A namespace's runs (Script runs and top-level Flow runs), newest first, "
+                    "filtered and a page at a time",
+        {"200": _json("A page of runs", "RunList")},
+        ["namespace", "scriptFilter", "flowFilter", "kindFilter", "statusFilter", "since",
+         "until", "labelFilter", "limit", "cursor"], ("400", "503"),
+        permission="list on runs in the namespace")},
+    "/api/v1/namespaces/{namespace}/audit": {"get": _operation(
+        "listAudit", "A namespace's audit trail: who submitted, cancelled, approved, "
+                     "rejected or restarted which run, when and from where; newest first",
+        {"200": _json("A page of audit entries", "AuditList")},
+        ["namespace", "actionFilter", "userFilter", "runFilter", "since", "until", "limit",
+         "cursor"], ("400", "503"), permission="list on audit in the namespace")},
     "/api/v1/runs/{id}": {"get": _operation(
         "getRun", "A run: status, result, error, timings; a flow run's steps as a tree",
         {"200": _json("The run", "Run")}, ["runId"], ("400", "404", "503"),

@@ -76,10 +76,15 @@ def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
                             f"the request; expected {', '.join(sorted(allowed))}")
 
 
+def is_name(value: str) -> bool:
+    """Whether `value` is a Kubernetes object name (a namespace, a Script, a Flow)."""
+    return len(value) <= NAME_MAX_LENGTH and _NAME.match(value) is not None
+
+
 def name(request: web.Request, param: str) -> str:
     """A namespace or object name from the path."""
     value = request.match_info[param]
-    if len(value) > NAME_MAX_LENGTH or not _NAME.match(value):
+    if not is_name(value):
         raise RunError(400, f"{param} {_shown(value)} is not a valid name: lower-case letters, "
                             f"digits and '-', at most {NAME_MAX_LENGTH} characters, starting "
                             f"and ending with a letter or digit")
@@ -114,7 +119,7 @@ def query_seq(request: web.Request, param: str) -> int:
 
 def query_name(request: web.Request, param: str) -> str | None:
     value = request.query.get(param)
-    if value is not None and (len(value) > NAME_MAX_LENGTH or not _NAME.match(value)):
+    if value is not None and not is_name(value):
         raise RunError(400, f"{param} {_shown(value)} is not a valid namespace name")
     return value
 

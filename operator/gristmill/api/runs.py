@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -37,6 +37,7 @@ class SubmitRequest:
     priority: int | None = None  # None: the Script's or Flow's own
     scheduled_for: dt.datetime | None = None
     submitted_by: str | None = None  # the authenticated username
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 async def submit_script_run(conn: psycopg.AsyncConnection, namespace: str, name: str,
@@ -57,7 +58,7 @@ async def submit_script_run(conn: psycopg.AsyncConnection, namespace: str, name:
         priority=script.spec.priority if request.priority is None else request.priority,
         max_attempts=script.spec.retries + 1, scheduled_for=request.scheduled_for,
         concurrency_key=f"script:{namespace}/{name}" if limit else None,
-        concurrency_limit=limit,
+        concurrency_limit=limit, labels=request.labels,
     )
     async with conn.transaction():
         await queue.enqueue(conn, [job])
@@ -68,7 +69,8 @@ async def submit_flow_run(conn: psycopg.AsyncConnection, namespace: str, name: s
                           request: SubmitRequest) -> dict[str, Any]:
     async with conn.transaction():
         run = await flow_engine.submit_flow_run(conn, namespace, name, request.input,
-                                                request.priority, request.submitted_by)
+                                                request.priority, request.submitted_by,
+                                                request.labels)
     return {"id": str(run.id), "kind": "flow", "status": run.status}
 
 
@@ -91,6 +93,7 @@ def present_job(row: dict[str, Any]) -> dict[str, Any]:
         "tag": row["tag"],
         "priority": row["priority"],
         "status": row["status"],
+        "labels": row["labels"],
         "input": row["input"],
         "result": row["result"],
         "error": row["error"],
@@ -143,6 +146,7 @@ async def present_flow_run(conn: psycopg.AsyncConnection, run: flow_store.FlowRu
         "version": run.flow_hash,
         "priority": run.priority,
         "status": run.status,
+        "labels": run.labels,
         "input": run.input,
         "result": run.result,
         "error": run.error,

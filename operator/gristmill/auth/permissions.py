@@ -56,7 +56,9 @@ class Rule:
 
 # The chart's ClusterRoles. Each grants what a kind of user does; they nest (a runner can
 # do what a viewer can) so one binding is enough.
-_VIEW = Rule(("get", "list"), ("runs",)), Rule(("get", "list"), ("scripts", "flows"))
+# Who did what to a namespace's runs (the audit trail) is as visible as the runs.
+_VIEW = (Rule(("get", "list"), ("runs",)), Rule(("get", "list"), ("scripts", "flows")),
+         Rule(("list",), ("audit",)))
 _RUN = (Rule(("create",), ("scripts/runs", "flows/runs")),
         Rule(("update",), ("runs/cancel", "runs/restart")))
 _APPROVE = (Rule(("update",), ("runs/approval",)),)

@@ -458,15 +458,15 @@ class StepFailure(Exception):
 
 def _new_run(namespace: str, name: str, version: str, run_input: dict[str, Any], priority: int,
              pins: dict[str, Any], status: str, parent: tuple[uuid.UUID, str] | None = None,
-             restarted_from: uuid.UUID | None = None, submitted_by: str | None = None
-             ) -> FlowRun:
+             restarted_from: uuid.UUID | None = None, submitted_by: str | None = None,
+             labels: dict[str, str] | None = None) -> FlowRun:
     return FlowRun(
         id=ids.new_id(), namespace=namespace, flow_name=name, flow_hash=version,
         submitted_by=submitted_by,
         status=status, input=run_input, result=None, error=None, priority=priority, pins=pins,
         parent_run_id=parent[0] if parent else None, parent_path=parent[1] if parent else None,
         restarted_from=restarted_from, failure_handled=False, created_at=None, started_at=None,
-        finished_at=None,
+        finished_at=None, labels=labels or {},
     )
 
 
@@ -543,7 +543,8 @@ async def resolve_pins(conn: psycopg.AsyncConnection, namespace: str, spec_plan:
 
 async def submit_flow_run(conn: psycopg.AsyncConnection, namespace: str, name: str,
                           run_input: dict[str, Any], priority: int | None = None,
-                          submitted_by: str | None = None) -> FlowRun:
+                          submitted_by: str | None = None,
+                          labels: dict[str, str] | None = None) -> FlowRun:
     """Create and start (or queue, past the flow's concurrency) a run; commit to make it stick."""
     found = await flow_store.get(conn, namespace, name)
     if found is None:
@@ -563,7 +564,7 @@ async def submit_flow_run(conn: psycopg.AsyncConnection, namespace: str, name: s
             status = "queued"
     run = _new_run(namespace, name, found[0], run_input,
                    plan.spec.priority if priority is None else priority, pins, status,
-                   submitted_by=submitted_by)
+                   submitted_by=submitted_by, labels=labels)
     await flow_store.insert_run(conn, run)
     if status == "running":
         engine = RunEngine(conn, run, plan)
@@ -744,7 +745,8 @@ async def restart_run(conn: psycopg.AsyncConnection, run_id: uuid.UUID, from_ste
                              f"{', '.join(unfinished)} did not succeed in run {run_id}")
     pins = await resolve_pins(conn, old.namespace, plan, seen=(old.flow_name,))
     run = _new_run(old.namespace, old.flow_name, old.flow_hash, old.input, old.priority,
-                   pins, "running", restarted_from=old.id, submitted_by=restarted_by)
+                   pins, "running", restarted_from=old.id, submitted_by=restarted_by,
+                   labels=old.labels)
     await flow_store.insert_run(conn, run)
     await flow_store.copy_steps(conn, run.id, old.id, earlier)
     engine = RunEngine(conn, run, plan)

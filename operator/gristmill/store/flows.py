@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -76,6 +76,7 @@ class FlowRun:
     started_at: Any
     finished_at: Any
     submitted_by: str | None = None  # the authenticated username that started it
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 async def insert_run(conn: psycopg.AsyncConnection, run: FlowRun) -> None:
@@ -85,6 +86,7 @@ async def insert_run(conn: psycopg.AsyncConnection, run: FlowRun) -> None:
         "priority": run.priority, "pins": Jsonb(run.pins), "parent_run_id": run.parent_run_id,
         "parent_path": run.parent_path, "restarted_from": run.restarted_from,
         "submitted_by": run.submitted_by,
+        "labels": Jsonb(run.labels),
     })
 
 

@@ -1,5 +1,6 @@
 """Partition upkeep and retention: day partitions created ahead, old ones dropped, finished
-flow runs past retention deleted."""
+flow runs past retention deleted. The job history, the logs and the audit trail are kept
+the same way and for the same time."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import psycopg
 
 from gristmill.store import queries
 
-PARTITIONED_TABLES = ("job_history", "job_logs")
+PARTITIONED_TABLES = ("job_history", "job_logs", "audit")
 
 
 async def ensure_partitions(conn: psycopg.AsyncConnection, days_ahead: int = 7) -> int:
@@ -37,6 +38,7 @@ async def drop_expired_partitions(
 async def purge_default_partitions(conn: psycopg.AsyncConnection, cutoff: dt.datetime) -> None:
     await conn.execute(queries.PURGE_DEFAULT_HISTORY, [cutoff])
     await conn.execute(queries.PURGE_DEFAULT_LOGS, [cutoff])
+    await conn.execute(queries.PURGE_DEFAULT_AUDIT, [cutoff])
 
 
 async def delete_expired_flow_runs(conn: psycopg.AsyncConnection, cutoff: dt.datetime,

@@ -8,7 +8,7 @@ never SQL.
 _HISTORY_COLUMNS = (
     "id, namespace, kind, script_name, script_hash, tag, priority, status, input,"
     " result, error, attempts, worker_id, created_at, started_at, finished_at,"
-    " flow_run_id, step_path"
+    " flow_run_id, step_path, labels"
 )
 # What every statement that ends jobs returns, for the flow engine to advance on.
 # Only a timer's input is read back (it says which timer): a job's own input never is.
@@ -56,10 +56,11 @@ ORDER BY s.namespace, s.name
 ENQUEUE = """
 INSERT INTO jobs (id, namespace, kind, script_name, script_hash, tag, priority, input,
                   scheduled_for, max_attempts, concurrency_key, concurrency_limit,
-                  flow_run_id, step_path, retry_policy, timeout_s)
+                  flow_run_id, step_path, retry_policy, timeout_s, labels)
 SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
                      %s::smallint[], %s::jsonb[], %s::timestamptz[], %s::int[], %s::text[],
-                     %s::int[], %s::uuid[], %s::text[], %s::jsonb[], %s::float8[])
+                     %s::int[], %s::uuid[], %s::text[], %s::jsonb[], %s::float8[],
+                     %s::jsonb[])
 """
 
 # The input comes back as text, parsed per job: a value Python cannot load fails that job,
@@ -116,7 +117,7 @@ WITH outcome AS (
            CASE WHEN cancel_requested AND outcome_status = 'failed' THEN 'cancelled'
                 ELSE outcome_status END,
            input, outcome_result, outcome_error, attempt, worker_id, created_at, started_at, now(),
-           flow_run_id, step_path
+           flow_run_id, step_path, labels
     FROM done
     RETURNING {_ENDED}
 )
@@ -146,7 +147,7 @@ WITH lost AS (
     SELECT id, namespace, kind, script_name, script_hash, tag, priority,
            CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END,
            input, NULL, %(error)s, attempt, worker_id, created_at, started_at, now(),
-           flow_run_id, step_path
+           flow_run_id, step_path, labels
     FROM failed
     RETURNING {_ENDED}
 )
@@ -167,7 +168,8 @@ CANCEL_QUEUED = f"""
 WITH gone AS (DELETE FROM jobs WHERE id = ANY (%(ids)s) AND status = 'queued' RETURNING *)
 INSERT INTO job_history ({_HISTORY_COLUMNS})
 SELECT id, namespace, kind, script_name, script_hash, tag, priority, 'cancelled', input,
-       NULL, %(error)s, attempt, worker_id, created_at, started_at, now(), flow_run_id, step_path
+       NULL, %(error)s, attempt, worker_id, created_at, started_at, now(), flow_run_id, step_path,
+       labels
 FROM gone
 RETURNING {_ENDED}
 """
@@ -184,14 +186,14 @@ ACTIVE_JOBS_OF_FLOW_RUN = "SELECT id, step_path FROM jobs WHERE flow_run_id = %s
 GET_ACTIVE_JOB = """
 SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input::text AS input,
        NULL::jsonb AS result, last_error AS error, attempt AS attempts, max_attempts, worker_id,
-       created_at, scheduled_for, started_at, NULL::timestamptz AS finished_at
+       created_at, scheduled_for, started_at, NULL::timestamptz AS finished_at, labels
 FROM jobs WHERE id = %s
 """
 
 GET_FINISHED_JOB = """
 SELECT id, namespace, kind, script_name, script_hash, tag, priority, status, input::text AS input,
        result, error, attempts, NULL::int AS max_attempts, worker_id, created_at,
-       NULL::timestamptz AS scheduled_for, started_at, finished_at
+       NULL::timestamptz AS scheduled_for, started_at, finished_at, labels
 FROM job_history WHERE id = %s
 """
 
@@ -323,10 +325,11 @@ ORDER BY f.namespace, f.name
 
 INSERT_FLOW_RUN = """
 INSERT INTO flow_runs (id, namespace, flow_name, flow_hash, status, input, priority, pins,
-                       parent_run_id, parent_path, restarted_from, submitted_by, started_at)
+                       parent_run_id, parent_path, restarted_from, submitted_by, labels,
+                       started_at)
 VALUES (%(id)s, %(namespace)s, %(flow_name)s, %(flow_hash)s, %(status)s, %(input)s,
         %(priority)s, %(pins)s, %(parent_run_id)s, %(parent_path)s, %(restarted_from)s,
-        %(submitted_by)s, CASE WHEN %(status)s = 'running' THEN now() END)
+        %(submitted_by)s, %(labels)s, CASE WHEN %(status)s = 'running' THEN now() END)
 """
 
 GET_FLOW_RUN = "SELECT * FROM flow_runs WHERE id = %s"
@@ -439,3 +442,89 @@ ON CONFLICT (namespace, route, key) DO UPDATE SET
 """
 
 DELETE_EXPIRED_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at <= now() - %s"
+
+# --- run listing ---------------------------------------------------------------------
+
+# Which table, and which kind of run, a run id names (for the audit row of a change).
+LOCATE_RUN = """
+SELECT 'script', namespace, script_name FROM jobs WHERE id = %(id)s
+UNION ALL SELECT 'script', namespace, script_name FROM job_history WHERE id = %(id)s
+UNION ALL SELECT 'flow', namespace, flow_name FROM flow_runs WHERE id = %(id)s
+LIMIT 1
+"""
+
+# The listing is one UNION ALL of the branches its filters need (store/run_listing.py
+# picks them), each newest first and cut at the page size, then merged. Every branch
+# names its table `r`. The history and flow runs have a branch per status, the status a
+# parameter: with it fixed, the index on (namespace, status, created_at, id) yields rows
+# in the listing's order, each partition's scan stops after a page, and a page costs a
+# few index probes however long the history is (with `status = ANY (...)`, or a status
+# from a join, PostgreSQL 15 must sort every matching row instead).
+# {conditions} is made only of the LIST_RUNS_WHERE_* fragments below, never of request
+# text; {status} names a parameter (status_succeeded, ...); values are parameters.
+LIST_RUNS_LIVE_SCRIPTS = """
+SELECT 'script' AS kind, r.id, r.namespace, r.script_name AS name, r.status, r.labels,
+       r.created_at, r.started_at, NULL::timestamptz AS finished_at
+FROM jobs r
+WHERE r.namespace = %(namespace)s AND r.flow_run_id IS NULL AND r.kind = 'script'
+  AND r.status = ANY (%(live_statuses)s){conditions}
+ORDER BY r.created_at DESC, r.id DESC LIMIT %(limit)s
+"""
+
+LIST_RUNS_FINISHED_SCRIPTS = """
+SELECT 'script' AS kind, r.id, r.namespace, r.script_name AS name, r.status, r.labels,
+       r.created_at, r.started_at, r.finished_at
+FROM job_history r
+WHERE r.namespace = %(namespace)s AND r.flow_run_id IS NULL AND r.kind = 'script'
+  AND r.status = %({status})s{conditions}{finished_since}
+ORDER BY r.created_at DESC, r.id DESC LIMIT %(limit)s
+"""
+
+LIST_RUNS_FLOWS = """
+SELECT 'flow' AS kind, r.id, r.namespace, r.flow_name AS name, r.status, r.labels,
+       r.created_at, r.started_at, r.finished_at
+FROM flow_runs r
+WHERE r.namespace = %(namespace)s AND r.parent_run_id IS NULL
+  AND r.status = %({status})s{conditions}
+ORDER BY r.created_at DESC, r.id DESC LIMIT %(limit)s
+"""
+
+LIST_RUNS = """
+SELECT kind, id, namespace, name, status, labels, created_at, started_at, finished_at
+FROM ({branches}) AS runs
+ORDER BY created_at DESC, id DESC LIMIT %(limit)s
+"""
+
+LIST_RUNS_WHERE_SCRIPT = "\n      AND r.script_name = %(name)s"
+LIST_RUNS_WHERE_FLOW = "\n      AND r.flow_name = %(name)s"
+LIST_RUNS_WHERE_SINCE = "\n      AND r.created_at >= %(since)s"
+LIST_RUNS_WHERE_UNTIL = "\n      AND r.created_at < %(until)s"
+LIST_RUNS_WHERE_BEFORE = "\n      AND (r.created_at, r.id) < (%(before_at)s, %(before_id)s)"
+# `<> '{}'` lets the partial GIN index (of labelled runs only) serve the containment.
+LIST_RUNS_WHERE_LABELS = "\n      AND r.labels @> %(labels)s AND r.labels <> '{}'"
+# A run finishes after it was created: this prunes the history's older day partitions.
+LIST_RUNS_FINISHED_SINCE = "\n      AND r.finished_at >= %(since)s"
+
+# --- audit -------------------------------------------------------------------------------
+
+RECORD_AUDIT = """
+INSERT INTO audit (namespace, username, uid, groups, action, run_id, target, source, detail)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+
+# {conditions}: only the LIST_AUDIT_WHERE_* fragments, as for the run listing.
+LIST_AUDIT = """
+SELECT id, at, namespace, username, uid, groups, action, run_id, target, source, detail
+FROM audit a
+WHERE a.namespace = %(namespace)s{conditions}
+ORDER BY a.at DESC, a.id DESC LIMIT %(limit)s
+"""
+
+LIST_AUDIT_WHERE_SINCE = "\n  AND a.at >= %(since)s"
+LIST_AUDIT_WHERE_UNTIL = "\n  AND a.at < %(until)s"
+LIST_AUDIT_WHERE_BEFORE = "\n  AND (a.at, a.id) < (%(before_at)s, %(before_id)s)"
+LIST_AUDIT_WHERE_ACTIONS = "\n  AND a.action = ANY (%(actions)s)"
+LIST_AUDIT_WHERE_USER = "\n  AND a.username = %(user)s"
+LIST_AUDIT_WHERE_RUN = "\n  AND a.run_id = %(run)s"
+
+PURGE_DEFAULT_AUDIT = "DELETE FROM audit_default WHERE at < %s"

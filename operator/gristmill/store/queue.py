@@ -42,6 +42,7 @@ class NewJob:
     step_path: str | None = None
     retry_policy: dict[str, Any] | None = None  # overrides the Script's (flow steps)
     timeout_s: float | None = None  # overrides the Script's (flow steps)
+    labels: dict[str, str] = field(default_factory=dict)  # a submitted run's, for listing
     id: uuid.UUID = field(default_factory=ids.new_id)
 
 
@@ -156,6 +157,7 @@ async def enqueue(conn: psycopg.AsyncConnection, jobs: Sequence[NewJob]) -> list
             [j.step_path for j in jobs],
             [Jsonb(j.retry_policy) if j.retry_policy else None for j in jobs],
             [j.timeout_s for j in jobs],
+            [Jsonb(j.labels) for j in jobs],
         ],
     )
     await conn.execute(queries.NOTIFY_JOBS, [sorted({j.tag for j in jobs})])

@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import json
 import os
 import subprocess
 import sys
-import json
 import time
 import urllib.error
 import urllib.request
@@ -20,8 +20,8 @@ import uuid
 import lupa
 import psycopg
 import pytest
-from kubernetes import client, config
 from clusterkit import ROOT, apply, condition, get, kubectl, wait_for
+from kubernetes import client, config
 from test_cli import free_port
 
 from gristmill.operator.autoscaler import Autoscaler

@@ -155,6 +155,16 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
     }
 
 
+def _workers_object_metadata(group: WorkerGroup) -> dict[str, Any]:
+    """Metadata of an object about the group's workers, named as their Deployment (another
+    kind, so no clash) and labelled as the operator's own: its admission policy lets it
+    change only objects with that label (charts/gristmill/files/rbac.yaml)."""
+    name = group.metadata.name
+    return {"name": deployment_name(name), "namespace": group.metadata.namespace,
+            "labels": {**selector_labels(name), labels.PART_OF: "gristmill",
+                       labels.MANAGED_BY: "gristmill-operator"}}
+
+
 def worker_disruption_budget(group: WorkerGroup) -> dict[str, Any]:
     """A PodDisruptionBudget for the group's workers: a node drain takes at most a quarter of
     them at a time (at least one), so a group keeps serving while its nodes are replaced;
@@ -163,16 +173,15 @@ def worker_disruption_budget(group: WorkerGroup) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {"name": deployment_name(name), "namespace": group.metadata.namespace,
-                     "labels": {**selector_labels(name), labels.PART_OF: "gristmill",
-                                labels.MANAGED_BY: "gristmill-operator"}},
+        "metadata": _workers_object_metadata(group),
         "spec": {"maxUnavailable": "25%", "selector": {"matchLabels": selector_labels(name)}},
     }
 
 
 def worker_network_policy(group: WorkerGroup) -> dict[str, Any]:
     """A NetworkPolicy that lets into the group's worker pods only connections to their
-    health port (the kubelet's probe: most CNIs let a node reach its own pods anyway).
+    health port (the kubelet's probe would pass anyway: traffic from a pod's own node is
+    never cut).
 
     A worker serves nothing else, but a process-executor job with `sandbox.network` shares
     its pod's network (--job-network pod) and could listen on any port: nothing reaches it.
@@ -186,9 +195,7 @@ def worker_network_policy(group: WorkerGroup) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": {"name": deployment_name(name), "namespace": group.metadata.namespace,
-                     "labels": {**selector_labels(name), labels.PART_OF: "gristmill",
-                                labels.MANAGED_BY: "gristmill-operator"}},
+        "metadata": _workers_object_metadata(group),
         "spec": {
             "podSelector": {"matchLabels": selector_labels(name)},
             "policyTypes": ["Ingress"],

@@ -26,6 +26,8 @@ from test_cli import free_port
 
 from gristmill.operator.autoscaler import Autoscaler
 from gristmill.operator.groups import DELETION_COST, GroupLoop
+from gristmill.sandbox.base import JobRequest, Limits
+from gristmill.sandbox.pod_objects import job_pod
 from gristmill.store import queue
 from gristmill.store import scripts as script_store
 from gristmill.store.migrate import migrate_url
@@ -239,7 +241,7 @@ def test_the_admission_policies_type_check(operator, crds):
     """The API server checks each expression against the schemas of the kinds it matches;
     a misspelt field would only warn, and then fail every write (failurePolicy Fail)."""
     for name in ("gristmill-operator-pod-writes", "gristmill-operator-owned-writes",
-                 "gristmill-operator-role-bindings"):
+                 "gristmill-operator-role-bindings", "gristmill-job-runner-pods"):
         checked = wait_for(f"{name} type-checked", lambda name=name: (lambda p: p if (
             p["status"].get("observedGeneration") == p["metadata"]["generation"]) else None)(
             get(crds, "validatingadmissionpolicy", name)))
@@ -317,3 +319,44 @@ def test_the_operator_may_change_only_objects_it_made(operator, crds):
                                       "namespace": TEAM}]}, method="POST")
     assert refused and "binds only the ClusterRole gristmill-job-runner" in refused
     # Its own objects it still writes: the WorkerGroup tests above make and scale them.
+
+
+def test_a_pod_executor_worker_makes_and_deletes_only_job_pods(operator, crds):
+    """As the account the operator makes for a pod-executor group: the pods the pod
+    executor makes pass, a pod that would run as another account does not, and only job
+    pods may be deleted."""
+    apply(crds, worker_group("jobs", executor="pod", replicas=0), "-n", TEAM)
+    wait_for("the group's RoleBinding", lambda: get(
+        crds, "rolebinding", "gristmill-workers-jobs", "-n", TEAM))
+    token = crds.control_plane.service_account_token(TEAM, "gristmill-workers-jobs")
+    pods = f"/api/v1/namespaces/{TEAM}/pods"
+    request = JobRequest(job_id=str(uuid.uuid4()), language="python", code="", input={},
+                         limits=Limits(timeout_s=30, memory_bytes=2**28, cpu_cores=0.5))
+    pod = job_pod(request, "worker:1", 60, "gristmill-workers-jobs-x", "u-1", group="jobs")
+    pod["spec"]["nodeName"] = "nowhere"  # never run: the test node ignores it
+    try:
+        assert _refusal(crds, token, pods, pod, method="POST") is None
+        for change in ({"automountServiceAccountToken": True},
+                       {"serviceAccountName": "gristmill-workers-jobs"},
+                       {"volumes": [*pod["spec"]["volumes"], {"name": "t", "projected": {
+                           "sources": [{"serviceAccountToken": {"path": "token"}}]}}]}):
+            other = copy.deepcopy(pod)
+            other["metadata"]["name"] += "-other"
+            other["spec"].update(change)
+            refused = _refusal(crds, token, f"{pods}?dryRun=All", other, method="POST")
+            assert refused and refused.startswith("403 "), change
+            assert "creates only job pods" in refused
+        unlabelled = copy.deepcopy(pod)
+        unlabelled["metadata"].update(name="not-a-job", labels={"app": "payments"})
+        refused = _refusal(crds, token, pods, unlabelled, method="POST")
+        assert refused and "creates only job pods" in refused
+
+        kubectl(crds, "create", "-f", "-", input=json.dumps(_pod("bystander", {})))
+        refused = _refusal(crds, token, f"{pods}/bystander", {}, method="DELETE")
+        assert refused and "deletes only job pods" in refused
+        assert _refusal(crds, token, f"{pods}/{pod['metadata']['name']}", {},
+                        method="DELETE") is None
+    finally:
+        kubectl(crds, "delete", "pod", pod["metadata"]["name"], "bystander", "-n", TEAM,
+                "--grace-period=0", "--force", "--ignore-not-found", check=False)
+        kubectl(crds, "delete", "workergroup", "jobs", "-n", TEAM, "--wait=true")

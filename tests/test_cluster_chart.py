@@ -11,6 +11,7 @@ import sys
 
 import helm_python as helm
 import pytest
+import yaml
 from clusterkit import ROOT, condition, get, kubectl, wait_for
 from k8s_cluster import environment
 
@@ -65,6 +66,12 @@ def test_the_chart_installs_and_serves_scripts_and_flows(release, cluster):
         g).get("status") == "True" else None)(get(cluster, "workergroup", "default", "-n",
                                                  NAMESPACE)), timeout=90)
     assert group["spec"]["image"] == "ghcr.io/gristmill/worker:test"
+    # NetworkPolicies: the chart's, and those the operator made for the group under its
+    # admission policies. Taken by the API server, not enforced (no such network plugin).
+    policies = {p["metadata"]["name"] for p in get(
+        cluster, "networkpolicies", "-n", NAMESPACE)["items"]}
+    assert {"gristmill-api", "gristmill-operator", "gristmill-workers-default",
+            "gristmill-jobs-default-no-network"} <= policies
 
     kubectl(cluster, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples"))
     for kind, name in (("script", "hello"), ("flow", "process-orders")):
@@ -106,3 +113,25 @@ def test_the_chart_upgrades_in_place(release, cluster):
     wait_for("the upgraded API serving", lambda: gristmill(
         cluster, "run", "script", "hello", "-n", NAMESPACE, "--wait",
         server=api_server(cluster)).returncode == 0, timeout=120)
+
+
+def test_the_api_server_takes_every_network_policy_the_chart_renders(cluster):
+    """The bundled database's too (the release above has an external one), with every kind
+    of peer the values take: a server-side dry run validates them as a create would."""
+    namespace = "network-policies"
+    cluster.control_plane.ensure_namespace(namespace)
+    values = {"operator": {"namespaces": [namespace, "team-a"]},
+              "networkPolicies": {"apiFrom": [
+                  {"namespaceSelector": {"matchLabels": {
+                      "kubernetes.io/metadata.name": "ingress-nginx"}},
+                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}},
+                  {"ipBlock": {"cidr": "10.20.0.0/16", "except": ["10.20.1.0/24"]}}]}}
+    rendered = helm.Chart.load(ROOT / "charts/gristmill").render(
+        values, name="dry", namespace=namespace, is_install=True)
+    text = rendered["gristmill/templates/networkpolicies.yaml"]
+    names = {d["metadata"]["name"] for d in yaml.safe_load_all(text) if d}
+    assert names == {"dry-postgres", "gristmill-api", "gristmill-operator"}
+    created = kubectl(cluster, "create", "--dry-run=server", "-f", "-", "-o", "name",
+                      input=text)
+    assert sorted(created.stdout.split()) == sorted(
+        f"networkpolicy.networking.k8s.io/{name}" for name in names)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -19,8 +21,13 @@ import lupa
 import psycopg
 import pytest
 from clusterkit import ROOT, apply, condition, get, kubectl, wait_for
+from kubernetes import client, config
 from test_cli import free_port
 
+from gristmill.operator.autoscaler import Autoscaler
+from gristmill.operator.groups import DELETION_COST, GroupLoop
+from gristmill.sandbox.base import JobRequest, Limits
+from gristmill.sandbox.pod_objects import job_pod
 from gristmill.store import queue
 from gristmill.store import scripts as script_store
 from gristmill.store.migrate import migrate_url
@@ -47,8 +54,8 @@ class RunningOperator:
             apply(cluster, {"apiVersion": "v1", "kind": "Secret", "metadata": {
                 "name": "gristmill-database", "namespace": namespace},
                 "data": {"url": base64.b64encode(self.pod_url.encode()).decode()}})
-        token = cp.service_account_token(OPERATOR_NAMESPACE, "gristmill-operator")
-        self.kubeconfig = cp.kubeconfig(token, "gristmill-operator")
+        self.token = cp.service_account_token(OPERATOR_NAMESPACE, "gristmill-operator")
+        self.kubeconfig = cp.kubeconfig(self.token, "gristmill-operator")
         self.health = free_port()
         self.log = tmp_path / "operator.log"
         self.process = subprocess.Popen(
@@ -130,6 +137,9 @@ def test_a_worker_group_runs_jobs_and_goes_with_its_deployment(operator, crds):
     budget = wait_for("its disruption budget", lambda: get(
         crds, "pdb", "gristmill-workers-runners", "-n", TEAM))
     assert budget["metadata"]["ownerReferences"][0]["uid"] == owner["uid"]
+    # Accepted by the API server (which does not enforce it: no CNI here).
+    policy = get(crds, "networkpolicy", "gristmill-workers-runners", "-n", TEAM)
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == owner["uid"]
     wait_for("a running worker pod", lambda: get(
         crds, "deployment", "gristmill-workers-runners", "-n", TEAM)["status"].get(
         "readyReplicas") == 1, timeout=90)
@@ -238,3 +248,149 @@ def test_a_script_of_200_kib_applied_by_kubectl_is_handled(operator, crds):
     found = ready(crds, "script", "big")
     annotations = found["metadata"].get("annotations", {})
     assert sum(len(k) + len(v) for k, v in annotations.items()) < 256 * 1024
+
+
+# ---- what the admission policies of files/rbac.yaml leave the operator --------------------
+
+def _pod(name: str, labels: dict[str, str]) -> dict:
+    """A pod bound to a node that does not exist: the test node never runs it."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": TEAM, "labels": labels,
+                         "annotations": {"note": "kept"}},
+            "spec": {"nodeName": "nowhere", "containers": [{"name": "c", "image": "busybox"}]}}
+
+
+def _refusal(cluster, token: str, path: str, body: dict, method: str = "PATCH") -> str | None:
+    """The API server's answer to a strategic-merge patch (or a POST) as `token`: None when
+    it is accepted, else the status code and message."""
+    kind = "application/strategic-merge-patch+json" if method == "PATCH" else "application/json"
+    try:
+        cluster.control_plane.request(method, path, body, token=token, content_type=kind)
+        return None
+    except urllib.error.HTTPError as refused:
+        return f"{refused.code} {json.loads(refused.read())['message']}"
+
+
+def test_the_admission_policies_type_check(operator, crds):
+    """The API server checks each expression against the schemas of the kinds it matches;
+    a misspelt field would only warn, and then fail every write (failurePolicy Fail)."""
+    for name in ("gristmill-operator-pod-writes", "gristmill-operator-owned-writes",
+                 "gristmill-operator-role-bindings", "gristmill-job-runner-pods"):
+        checked = wait_for(f"{name} type-checked", lambda name=name: (lambda p: p if (
+            p["status"].get("observedGeneration") == p["metadata"]["generation"]) else None)(
+            get(crds, "validatingadmissionpolicy", name)))
+        assert checked["status"].get("typeChecking", {}).get("expressionWarnings") is None, \
+            checked["status"]
+
+
+def test_the_operator_may_set_only_a_worker_pods_deletion_cost(operator, crds):
+    worker_labels = {"app.kubernetes.io/name": "gristmill-worker",
+                     "gristmill.io/worker-group": "scaled"}
+    for pod in (_pod("a-worker", worker_labels), _pod("not-a-worker", {"app": "payments"})):
+        kubectl(crds, "create", "-f", "-", input=json.dumps(pod))
+    try:
+        # The autoscaler's own write, with the operator's own token.
+        loop = GroupLoop(pool=None, autoscaler=Autoscaler(), period_s=1)
+        loop.core = client.CoreV1Api(config.new_client_from_config(str(operator.kubeconfig)))
+        loop._mark_deletion_costs(TEAM, {"a-worker": 3})
+        pod = get(crds, "pod", "a-worker", "-n", TEAM)
+        assert pod["metadata"]["annotations"] == {DELETION_COST: "300", "note": "kept"}
+
+        pods = f"/api/v1/namespaces/{TEAM}/pods"
+        only_cost = "the Gristmill operator may change only a worker pod's controller"
+        for patch in ({"spec": {"containers": [{"name": "c", "image": "evil"}]}},
+                      {"metadata": {"labels": {"app.kubernetes.io/name": "other"}}},
+                      {"metadata": {"annotations": {"note": "changed"}}},
+                      {"metadata": {"annotations": {"note": None}}},
+                      {"metadata": {"finalizers": ["example.com/hold"]}}):
+            refused = _refusal(crds, operator.token, f"{pods}/a-worker", patch)
+            assert refused and refused.startswith("403 ") and only_cost in refused, patch
+        refused = _refusal(crds, operator.token, f"{pods}/not-a-worker",
+                           {"metadata": {"annotations": {DELETION_COST: "0"}}})
+        assert refused and "may write only to worker pods" in refused
+        # ...and what it was refused did not happen.
+        pod = get(crds, "pod", "a-worker", "-n", TEAM)
+        assert pod["spec"]["containers"][0]["image"] == "busybox"
+        assert pod["metadata"]["labels"] == worker_labels
+        assert get(crds, "pod", "not-a-worker", "-n", TEAM)["metadata"]["annotations"] == {
+            "note": "kept"}
+    finally:
+        kubectl(crds, "delete", "pod", "a-worker", "not-a-worker", "-n", TEAM,
+                "--grace-period=0", "--force", check=False)
+
+
+def test_the_operator_may_change_only_objects_it_made(operator, crds):
+    apply(crds, {"apiVersion": "apps/v1", "kind": "Deployment",
+                 "metadata": {"name": "payments", "namespace": TEAM},
+                 "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "payments"}},
+                          "template": {"metadata": {"labels": {"app": "payments"}},
+                                       "spec": {"containers": [{"name": "c",
+                                                                "image": "payments:1"}]}}}})
+    try:
+        refused = _refusal(crds, operator.token,
+                           f"/apis/apps/v1/namespaces/{TEAM}/deployments/payments",
+                           {"spec": {"template": {"spec": {"containers": [
+                               {"name": "c", "image": "evil"}]}}}})
+        assert refused and refused.startswith("403 ")
+        assert "may change only objects it made" in refused
+        # Nor may it take one over by labelling it.
+        refused = _refusal(crds, operator.token,
+                           f"/apis/apps/v1/namespaces/{TEAM}/deployments/payments",
+                           {"metadata": {"labels": {
+                               "app.kubernetes.io/managed-by": "gristmill-operator"}}})
+        assert refused and "may change only objects it made" in refused
+    finally:
+        kubectl(crds, "delete", "deployment", "payments", "-n", TEAM, check=False)
+    # RBAC would let it bind its own ClusterRole (it holds every rule of it) to another
+    # account, which no policy above would then hold back.
+    refused = _refusal(crds, operator.token,
+                       f"/apis/rbac.authorization.k8s.io/v1/namespaces/{TEAM}/rolebindings",
+                       {"metadata": {"name": "escape", "labels": {
+                           "app.kubernetes.io/managed-by": "gristmill-operator"}},
+                        "roleRef": {"apiGroup": "rbac.authorization.k8s.io",
+                                    "kind": "ClusterRole", "name": "gristmill-operator"},
+                        "subjects": [{"kind": "ServiceAccount", "name": "default",
+                                      "namespace": TEAM}]}, method="POST")
+    assert refused and "binds only the ClusterRole gristmill-job-runner" in refused
+    # Its own objects it still writes: the WorkerGroup tests above make and scale them.
+
+
+def test_a_pod_executor_worker_makes_and_deletes_only_job_pods(operator, crds):
+    """As the account the operator makes for a pod-executor group: the pods the pod
+    executor makes pass, a pod that would run as another account does not, and only job
+    pods may be deleted."""
+    apply(crds, worker_group("jobs", executor="pod", replicas=0), "-n", TEAM)
+    wait_for("the group's RoleBinding", lambda: get(
+        crds, "rolebinding", "gristmill-workers-jobs", "-n", TEAM))
+    token = crds.control_plane.service_account_token(TEAM, "gristmill-workers-jobs")
+    pods = f"/api/v1/namespaces/{TEAM}/pods"
+    request = JobRequest(job_id=str(uuid.uuid4()), language="python", code="", input={},
+                         limits=Limits(timeout_s=30, memory_bytes=2**28, cpu_cores=0.5))
+    pod = job_pod(request, "worker:1", 60, "gristmill-workers-jobs-x", "u-1", group="jobs")
+    pod["spec"]["nodeName"] = "nowhere"  # never run: the test node ignores it
+    try:
+        assert _refusal(crds, token, pods, pod, method="POST") is None
+        for change in ({"automountServiceAccountToken": True},
+                       {"serviceAccountName": "gristmill-workers-jobs"},
+                       {"volumes": [*pod["spec"]["volumes"], {"name": "t", "projected": {
+                           "sources": [{"serviceAccountToken": {"path": "token"}}]}}]}):
+            other = copy.deepcopy(pod)
+            other["metadata"]["name"] += "-other"
+            other["spec"].update(change)
+            refused = _refusal(crds, token, f"{pods}?dryRun=All", other, method="POST")
+            assert refused and refused.startswith("403 "), change
+            assert "creates only job pods" in refused
+        unlabelled = copy.deepcopy(pod)
+        unlabelled["metadata"].update(name="not-a-job", labels={"app": "payments"})
+        refused = _refusal(crds, token, pods, unlabelled, method="POST")
+        assert refused and "creates only job pods" in refused
+
+        kubectl(crds, "create", "-f", "-", input=json.dumps(_pod("bystander", {})))
+        refused = _refusal(crds, token, f"{pods}/bystander", {}, method="DELETE")
+        assert refused and "deletes only job pods" in refused
+        assert _refusal(crds, token, f"{pods}/{pod['metadata']['name']}", {},
+                        method="DELETE") is None
+    finally:
+        kubectl(crds, "delete", "pod", pod["metadata"]["name"], "bystander", "-n", TEAM,
+                "--grace-period=0", "--force", "--ignore-not-found", check=False)
+        kubectl(crds, "delete", "workergroup", "jobs", "-n", TEAM, "--wait=true")

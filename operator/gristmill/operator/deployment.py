@@ -11,8 +11,14 @@ from gristmill.spec.workergroup import DEFAULT_WORKER_IMAGE
 HEALTH_PORT = 8081
 
 
+def object_name(*parts: str) -> str:
+    """A name of the parts joined by "-", cut to the 63 characters Kubernetes allows a
+    label-like name, never ending with the "-" a cut may leave (the API server refuses it)."""
+    return "-".join(parts)[:63].rstrip("-")
+
+
 def deployment_name(group_name: str) -> str:
-    return f"gristmill-workers-{group_name}"[:63].rstrip("-")
+    return object_name("gristmill-workers", group_name)
 
 
 def job_runner_name(group_name: str) -> str:
@@ -149,6 +155,16 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
     }
 
 
+def _workers_object_metadata(group: WorkerGroup) -> dict[str, Any]:
+    """Metadata of an object about the group's workers, named as their Deployment (another
+    kind, so no clash) and labelled as the operator's own: its admission policy lets it
+    change only objects with that label (charts/gristmill/files/rbac.yaml)."""
+    name = group.metadata.name
+    return {"name": deployment_name(name), "namespace": group.metadata.namespace,
+            "labels": {**selector_labels(name), labels.PART_OF: "gristmill",
+                       labels.MANAGED_BY: "gristmill-operator"}}
+
+
 def worker_disruption_budget(group: WorkerGroup) -> dict[str, Any]:
     """A PodDisruptionBudget for the group's workers: a node drain takes at most a quarter of
     them at a time (at least one), so a group keeps serving while its nodes are replaced;
@@ -157,8 +173,32 @@ def worker_disruption_budget(group: WorkerGroup) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {"name": deployment_name(name), "namespace": group.metadata.namespace,
-                     "labels": {**selector_labels(name), labels.PART_OF: "gristmill",
-                                labels.MANAGED_BY: "gristmill-operator"}},
+        "metadata": _workers_object_metadata(group),
         "spec": {"maxUnavailable": "25%", "selector": {"matchLabels": selector_labels(name)}},
+    }
+
+
+def worker_network_policy(group: WorkerGroup) -> dict[str, Any]:
+    """A NetworkPolicy that lets into the group's worker pods only connections to their
+    health port (the kubelet's probe would pass anyway: traffic from a pod's own node is
+    never cut).
+
+    A worker serves nothing else, but a process-executor job with `sandbox.network` shares
+    its pod's network (--job-network pod) and could listen on any port: nothing reaches it.
+    Egress stays open on purpose: a worker must reach its database (bundled or anywhere),
+    DNS and, under the pod executor, the API server, and network jobs inside a process
+    worker reach what the Script asked for; an allow-list here would be one a cluster
+    operator cannot know. Policies add up: a NetworkPolicy of the user's that selects these
+    pods (a mesh sidecar's port, say) opens more without editing this one.
+    """
+    name = group.metadata.name
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _workers_object_metadata(group),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"port": HEALTH_PORT, "protocol": "TCP"}]}],
+        },
     }

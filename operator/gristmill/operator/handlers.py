@@ -33,6 +33,7 @@ from gristmill.operator.deployment import (
     selector,
     worker_deployment,
     worker_disruption_budget,
+    worker_network_policy,
 )
 from gristmill.operator.diffbase import SpecDigestDiffBaseStorage
 from gristmill.operator.groups import GroupLoop
@@ -234,7 +235,8 @@ async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
         return
     autoscaled = group.spec.autoscaling is not None and group.spec.autoscaling.enabled
     start = group.spec.autoscaling.minReplicas if autoscaled else None
-    for owned in job_runner_objects(group):  # first: the workers run as its account
+    # First: the workers run as its account, and start behind their NetworkPolicies.
+    for owned in [*job_runner_objects(group), worker_network_policy(group)]:
         kopf.adopt(owned, owner=body)
         await asyncio.to_thread(_apply, owned)
     deployment = worker_deployment(group, DATABASE_SECRET, replicas=start,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from gristmill import labels
-from gristmill.operator.deployment import job_runner_name
+from gristmill.operator.deployment import job_runner_name, object_name
 from gristmill.spec import WorkerGroup
 
 JOB_RUNNER_ROLE = "gristmill-job-runner"
@@ -43,14 +43,24 @@ def job_runner_objects(group: WorkerGroup) -> list[dict[str, Any]]:
         "subjects": [{"kind": "ServiceAccount", "name": account,
                       "namespace": group.metadata.namespace}],
     })
-    objects.append({
+    objects.append(no_network_policy(group))
+    return objects
+
+
+def no_network_policy(group: WorkerGroup) -> dict[str, Any]:
+    """Nothing in, nothing out, not even DNS (a name lookup carries data out too), for the
+    group's job pods whose Script did not ask for the network. The worker sets the label
+    when it creates the pod and cannot change it (the job runner may not patch pods); the
+    job has no token to change it either."""
+    return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": _metadata(group, f"gristmill-jobs-{group.metadata.name}-no-network"[:63]),
+        # Names longer than 63 are cut: a 44- or 45-character group would end in "-".
+        "metadata": _metadata(group, object_name("gristmill-jobs", group.metadata.name,
+                                                 "no-network")),
         "spec": {
             "podSelector": {"matchLabels": {labels.NAME: "gristmill-job",
                                             labels.WORKER_GROUP: group.metadata.name,
                                             labels.NETWORK: "none"}},
             "policyTypes": ["Ingress", "Egress"],  # and no rule: nothing in, nothing out
         },
-    })
-    return objects
+    }

@@ -221,11 +221,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
                           poll_interval=args.poll_interval, stall_after=args.stall_after,
                           health_port=args.health_port or None)
 
+    if args.secrets:
+        from gristmill.jobsecrets.from_files import FileSecrets
+        secrets = FileSecrets(args.secrets)
+    else:
+        from gristmill.jobsecrets.from_cluster import ClusterSecrets
+        secrets = ClusterSecrets()  # with the worker's ServiceAccount, at the first need
+
     async def main(stop: asyncio.Event) -> int:
         if not await _migrate_when_reachable(url, stop):
             return 0
         try:
-            await Worker(config, executor).run(stop)
+            await Worker(config, executor, secrets).run(stop)
         except WorkerCrashed as exc:
             print(f"gristmill: {exc}; exiting for a restart", file=sys.stderr)
             return 1
@@ -461,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the job's own (needs /dev/net/tun); pod: the worker pod's own "
                         "network namespace, shared (a pod's only, never the node's; what "
                         "the operator passes)")
+    p.add_argument("--secrets", metavar="PATH", action="append", default=[],
+                   help="process executor: read jobs' Secrets from the Kubernetes Secret "
+                        "manifests in PATH (a file or directory; repeatable) instead of the "
+                        "Kubernetes API (what `gristmill dev --secrets` passes)")
     p.add_argument("--pod-write-rate", type=_positive_float, metavar="PER_SECOND",
                    default=os.environ.get("GRISTMILL_POD_WRITE_RATE", "5"),
                    help="pod executor: API writes (job pods and Secrets created, pods deleted) "

@@ -48,12 +48,12 @@ class SecretAccess:
             review = client.AuthenticationV1Api().create_self_subject_review(
                 {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
                 _request_timeout=REQUEST_TIMEOUT)
-        except ApiException as exc:
-            log.warning("cannot learn the operator's own user name (%s %s): Scripts' "
-                        "SecretsAvailable stays Unknown; set GRISTMILL_OPERATOR_USER",
-                        exc.status, exc.reason)
+            username = review.status.user_info.username
+        except Exception as exc:  # noqa: BLE001 - refused, or a server without the API
+            log.warning("cannot learn the operator's own user name (%s): Scripts' "
+                        "SecretsAvailable stays Unknown; set GRISTMILL_OPERATOR_USER", exc)
             return None
-        return review.status.user_info.username
+        return username
 
     async def sync(self, namespace: str) -> None:
         """Apply (or delete) the namespace's Role and RoleBinding; one namespace at a time,

@@ -41,8 +41,8 @@ from gristmill.store import connections, logs, queue, workers
 from gristmill.store import scripts as script_store
 from gristmill.worker.jobs import JobPlan, plan_job
 from gristmill.worker.liveness import Liveness, serve_probe
-from gristmill.worker.secret_env import with_secrets
 from gristmill.worker.retry import retry_delay as compute_retry_delay
+from gristmill.worker.secret_env import with_secrets
 
 log = logging.getLogger("gristmill.worker")
 

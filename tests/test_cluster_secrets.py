@@ -150,13 +150,14 @@ def test_a_process_job_reads_its_declared_secret_and_its_worker_no_other(operato
 
 
 def test_a_missing_secret_is_in_the_scripts_status_and_fails_its_runs(operator, crds):
-    apply(crds, script("needs-absent", "secrets-proc", secret="absent"))
+    # A tag of its own: the last test's workers may still be draining.
+    apply(crds, script("needs-absent", "secrets-missing", secret="absent"))
     found = script_condition(crds, "needs-absent", "SecretsAvailable", "False")
     assert found["reason"] == "SecretNotFound"
     assert f"Secret {NAMESPACE}/absent not found" in found["message"]
     assert condition(get(crds, "script", "needs-absent", "-n", NAMESPACE))["status"] == "False"
-    apply(crds, worker_group("proc-missing", "secrets-proc", "process"))
-    job, _ = asyncio.run(_run(operator, "needs-absent", "secrets-proc"))
+    apply(crds, worker_group("proc-missing", "secrets-missing", "process"))
+    job, _ = asyncio.run(_run(operator, "needs-absent", "secrets-missing"))
     assert job["status"] == "failed"
     assert job["error"]["message"] == (f"Secret {NAMESPACE}/absent not found: create it or "
                                        f"mark the reference optional")

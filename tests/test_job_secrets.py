@@ -7,7 +7,10 @@ import base64
 import copy
 
 import pytest
+from flowkit import apply_yaml
+from flowkit import script as script_yaml
 from pydantic import ValidationError
+from test_worker import start_worker, submit, wait_status
 
 from gristmill.jobsecrets.from_files import FileSecrets, load_secrets
 from gristmill.jobsecrets.masking import MASK, Masker, masked_outcome
@@ -25,6 +28,7 @@ from gristmill.sandbox.pod_job import secret_environment
 from gristmill.sandbox.pod_objects import job_pod
 from gristmill.sandbox.pod_status import config_problem
 from gristmill.spec import Flow, Script
+from gristmill.store import logs
 from gristmill.worker.jobs import plan_job
 
 BASE = {"apiVersion": "gristmill.io/v1alpha1", "kind": "Script",
@@ -255,3 +259,46 @@ def test_hostile_secret_files_say_what_is_wrong(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(SecretProblem, match=message.replace(".", r"\.")):
         load_secrets([path])
+
+
+# ---- a real worker, as `gristmill dev` starts it ---------------------------------------------
+
+SECRET_SCRIPTS = script_yaml("prints-secret", """
+    import os, sys, time
+
+    def main():
+        value = os.environ["DB_PASSWORD"]
+        for ch in value:  # a chunk per character: masking must see across them
+            sys.stdout.write(ch)
+            sys.stdout.flush()
+            time.sleep(0.02)
+        print()
+        print("user", os.environ["DB_user"], "and", value)
+        return {"echo": value, "n": len(value)}
+    """, env='[{name: DB_PASSWORD, valueFrom: {secretKeyRef: {name: db-creds, key: password}}}]',
+    envFrom='[{secretRef: {name: db-creds}, prefix: DB_}]') + script_yaml(
+    "needs-missing", "def main():\n    return 1\n",
+    env='[{name: X, valueFrom: {secretKeyRef: {name: not-in-the-file, key: k}}}]')
+
+
+async def test_a_dev_worker_reads_secret_manifests_and_masks_what_the_job_prints(
+        db, database_url, tmp_path):
+    await apply_yaml(db, SECRET_SCRIPTS)
+    (tmp_path / "secrets.yaml").write_text(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: db-creds}\n"
+        "stringData: {password: 'p4ss w0rd, with \"quotes\"', user: app}\n")
+    worker = start_worker(database_url, "--secrets", str(tmp_path))
+    try:
+        job_id = await submit(db, "prints-secret", {})
+        job = await wait_status(db, job_id, ("succeeded", "failed"), timeout=60)
+        assert job["status"] == "succeeded", job["error"]
+        assert job["result"] == {"echo": MASK, "n": 24}
+        text = "".join(chunk for _, chunk in await logs.read(db, job_id))
+        assert "p4ss" not in text and f"{MASK}\nuser app and {MASK}\n" in text
+        missing = await wait_status(db, await submit(db, "needs-missing", {}),
+                                    ("succeeded", "failed"), timeout=60)
+        assert missing["error"]["message"] == ("Secret default/not-in-the-file not found: "
+                                               "create it or mark the reference optional")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)

@@ -369,7 +369,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     options = DevOptions(
         paths=args.paths, database_url=args.database_url or os.environ.get("GRISTMILL_DATABASE_URL"),
         data_dir=Path(args.data_dir), workers=args.workers or os.cpu_count() or 1,
-        host=args.host, port=args.port, retention=args.retention,
+        host=args.host, port=args.port, retention=args.retention, secrets=args.secrets,
     )
     return _run_until_signalled(lambda stop: run_dev(options, stop))
 
@@ -393,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="local workers (default: cores)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--secrets", metavar="PATH", action="append", default=[],
+                   help="Kubernetes Secret manifests (kind: Secret, data or stringData) for "
+                        "jobs, besides those among the manifests; read by the workers for "
+                        "each job, never stored (repeatable)")
     _retention_arg(p)
     p.set_defaults(func=cmd_dev)
 

@@ -88,11 +88,11 @@ class SecretAccess:
         unknown: str | None = None
         for name in names:
             try:
-                response = self.core.api_client.call_api(
-                    f"/api/v1/namespaces/{namespace}/secrets/{name}", "GET",
-                    header_params={"Accept": METADATA_ONLY}, auth_settings=["BearerToken"],
-                    _preload_content=False, _return_http_data_only=True,
-                    _request_timeout=REQUEST_TIMEOUT)
+                # Metadata only: the values never travel to the operator.
+                response = self.core.read_namespaced_secret(
+                    name, namespace, _headers={"Accept": METADATA_ONLY},
+                    _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+                response.read()
                 response.release_conn()
             except ApiException as exc:
                 if exc.status == 404:

@@ -348,8 +348,12 @@ class Node:
         ready = all(s.get("ready") for s in statuses) and len(statuses) == len(
             running.pod["spec"]["containers"])
         condition = {"type": "Ready", "status": "True" if ready else "False"}
+        # Pending until a container has run, as a kubelet reports it (a container that
+        # cannot be configured, for a missing Secret, leaves its pod Pending).
+        ran = any(s["restartCount"] or {"running", "terminated"} & set(s["state"])
+                  for s in statuses)
         await self._patch_status(running, {
-            "phase": "Running", "containerStatuses": statuses,
+            "phase": "Running" if ran else "Pending", "containerStatuses": statuses,
             "conditions": [condition, {**condition, "type": "ContainersReady"}]})
 
     @staticmethod

@@ -75,10 +75,13 @@ def script(name: str, tag: str, secret: str = "db-creds") -> dict:
                 "envFrom": [{"secretRef": {"name": secret}, "prefix": "DB_"}]}}
 
 
-def worker_group(name: str, tag: str, executor: str) -> dict:
-    return {"apiVersion": "gristmill.io/v1alpha1", "kind": "WorkerGroup",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": {"tags": [tag], "replicas": 1, "executor": executor}}
+def start_workers(cluster, name: str, tag: str, executor: str) -> None:
+    apply(cluster, {"apiVersion": "gristmill.io/v1alpha1", "kind": "WorkerGroup",
+                    "metadata": {"name": name, "namespace": NAMESPACE},
+                    "spec": {"tags": [tag], "replicas": 1, "executor": executor}})
+    wait_for(f"a ready {executor} worker of {name}", lambda: (get(
+        cluster, "deployment", f"gristmill-workers-{name}", "-n", NAMESPACE) or {}).get(
+        "status", {}).get("readyReplicas") == 1, timeout=90)
 
 
 def script_condition(cluster, name: str, kind: str, status: str) -> dict:
@@ -121,10 +124,7 @@ def test_a_process_job_reads_its_declared_secret_and_its_worker_no_other(operato
     (rule,) = role["rules"]
     assert rule["verbs"] == ["get"] and rule["resources"] == ["secrets"]
     assert rule["resourceNames"] == ["db-creds", "not-there"]
-    apply(crds, worker_group("proc", "secrets-proc", "process"))
-    wait_for("a ready process worker", lambda: (get(
-        crds, "deployment", "gristmill-workers-proc", "-n", NAMESPACE) or {}).get(
-        "status", {}).get("readyReplicas") == 1, timeout=90)
+    start_workers(crds, "proc", "secrets-proc", "process")
     job, log_text = asyncio.run(_run(operator, "proc-reader", "secrets-proc"))
     assert_got_the_secret_masked(job, log_text)
 
@@ -156,7 +156,7 @@ def test_a_missing_secret_is_in_the_scripts_status_and_fails_its_runs(operator, 
     assert found["reason"] == "SecretNotFound"
     assert f"Secret {NAMESPACE}/absent not found" in found["message"]
     assert condition(get(crds, "script", "needs-absent", "-n", NAMESPACE))["status"] == "False"
-    apply(crds, worker_group("proc-missing", "secrets-missing", "process"))
+    start_workers(crds, "proc-missing", "secrets-missing", "process")
     job, _ = asyncio.run(_run(operator, "needs-absent", "secrets-missing"))
     assert job["status"] == "failed"
     assert job["error"]["message"] == (f"Secret {NAMESPACE}/absent not found: create it or "
@@ -172,10 +172,7 @@ def test_a_missing_secret_is_in_the_scripts_status_and_fails_its_runs(operator, 
 def test_a_job_pod_gets_its_secret_from_the_kubelet(operator, crds):
     apply(crds, script("pod-reader", "secrets-pod"))
     apply(crds, script("pod-missing", "secrets-pod", secret="never-made"))
-    apply(crds, worker_group("pods", "secrets-pod", "pod"))
-    wait_for("a ready pod-executor worker", lambda: (get(
-        crds, "deployment", "gristmill-workers-pods", "-n", NAMESPACE) or {}).get(
-        "status", {}).get("readyReplicas") == 1, timeout=90)
+    start_workers(crds, "pods", "secrets-pod", "pod")
     job, log_text = asyncio.run(_run(operator, "pod-reader", "secrets-pod"))
     assert_got_the_secret_masked(job, log_text)
 

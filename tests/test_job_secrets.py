@@ -302,3 +302,15 @@ async def test_a_dev_worker_reads_secret_manifests_and_masks_what_the_job_prints
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+def test_a_large_value_is_masked_in_small_chunks_without_quadratic_cost():
+    value = "k" + "ey-material/" * 20_000  # 240 KB, as a certificate bundle might be
+    masker = Masker([value])
+    shown: list[str] = []
+    stream = masker.stream(shown.append)
+    text = f"before {value} after"
+    for at in range(0, len(text), 4096):
+        stream.feed(text[at:at + 4096])
+    stream.flush()
+    assert "".join(shown) == f"before {MASK} after"

@@ -53,13 +53,17 @@ class Masker:
         return value
 
     def held_back(self, text: str) -> int:
-        """How many characters at the end of `text` may be the start of a value."""
-        longest = min(len(text), max((len(v) for v in self.values), default=1) - 1)
-        for size in range(longest, 0, -1):
-            tail = text[-size:]
-            if any(value.startswith(tail) for value in self.values):
-                return size
-        return 0
+        """How many characters at the end of `text` may be the start of a value (only
+        where a value's first character occurs: a large value costs no more per chunk)."""
+        keep = 0
+        for value in self.values:
+            at = text.find(value[0], max(0, len(text) - len(value) + 1))
+            while at != -1 and len(text) - at > keep:
+                if value.startswith(text[at:]):
+                    keep = len(text) - at
+                    break
+                at = text.find(value[0], at + 1)
+        return keep
 
     def stream(self, emit: Callable[[str], None]) -> MaskedStream:
         return MaskedStream(self, emit)

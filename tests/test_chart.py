@@ -131,7 +131,8 @@ def test_retention_reaches_the_api_and_the_operator_as_the_cli_reads_it():
 def test_rbac_is_files_rbac_in_the_release_namespace():
     source = [d for d in yaml.safe_load_all((CHART / "files" / "rbac.yaml").read_text()) if d]
     rendered = [o for o in render() if o["kind"] in
-                ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")]
+                ("ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                 "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")]
     assert len(rendered) == len(source)
     for mine, theirs in zip(rendered, source, strict=True):
         if "namespace" in theirs.get("metadata", {}):

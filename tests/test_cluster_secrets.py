@@ -124,6 +124,24 @@ def test_a_process_job_reads_its_declared_secret_and_its_worker_no_other(operato
     (rule,) = role["rules"]
     assert rule["verbs"] == ["get"] and rule["resources"] == ["secrets"]
     assert rule["resourceNames"] == ["db-creds", "not-there"]
+    # The operator's escalate and bind on that Role name give no more: the chart's
+    # admission policy refuses other rules, and subjects from other namespaces.
+    widened = kubectl(crds, "patch", "role", "gristmill-script-secrets", "-n", NAMESPACE,
+                      "--type=merge", "-p", json.dumps({"rules": [
+                          {"apiGroups": [""], "resources": ["pods"], "verbs": ["*"]}]}),
+                      kubeconfig=operator.kubeconfig, check=False)
+    assert widened.returncode != 0 and "may only allow `get` on named Secrets" in \
+        widened.stderr, widened.stderr
+    sneaky = kubectl(crds, "create", "-f", "-", kubeconfig=operator.kubeconfig, check=False,
+                     input=json.dumps({
+                         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                         "metadata": {"name": "sneaky", "namespace": NAMESPACE},
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                     "name": "gristmill-script-secrets"},
+                         "subjects": [{"kind": "ServiceAccount", "name": "default",
+                                       "namespace": "team-a"}]}))
+    assert sneaky.returncode != 0 and "only ServiceAccounts of its own namespace" in \
+        sneaky.stderr, sneaky.stderr
     start_workers(crds, "proc", "secrets-proc", "process")
     job, log_text = asyncio.run(_run(operator, "proc-reader", "secrets-proc"))
     assert_got_the_secret_masked(job, log_text)

@@ -126,13 +126,18 @@ def test_a_process_job_reads_its_declared_secret_and_its_worker_no_other(operato
     assert rule["resourceNames"] == ["db-creds", "not-there"]
     # The operator's escalate and bind on that Role name give no more: the chart's
     # admission policy refuses other rules, and subjects from other namespaces.
-    widened = kubectl(crds, "patch", "role", "gristmill-script-secrets", "-n", NAMESPACE,
-                      "--type=merge", "-p", json.dumps({"rules": [
-                          {"apiGroups": [""], "resources": ["pods"], "verbs": ["*"]}]}),
-                      kubeconfig=operator.kubeconfig, check=False)
+    as_operator = ("apply", "--server-side", "--force-conflicts",
+                   "--field-manager=gristmill-operator", "-f", "-")  # as it writes: a PATCH
+    widened = kubectl(crds, *as_operator, kubeconfig=operator.kubeconfig, check=False,
+                      input=json.dumps({
+                          "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                          "metadata": {"name": "gristmill-script-secrets",
+                                       "namespace": NAMESPACE},
+                          "rules": [{"apiGroups": [""], "resources": ["pods"],
+                                     "verbs": ["*"]}]}))
     assert widened.returncode != 0 and "may only allow `get` on named Secrets" in \
         widened.stderr, widened.stderr
-    sneaky = kubectl(crds, "create", "-f", "-", kubeconfig=operator.kubeconfig, check=False,
+    sneaky = kubectl(crds, *as_operator, kubeconfig=operator.kubeconfig, check=False,
                      input=json.dumps({
                          "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                          "metadata": {"name": "sneaky", "namespace": NAMESPACE},

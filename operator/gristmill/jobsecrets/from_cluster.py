@@ -10,11 +10,17 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Mapping
 
 from gristmill.jobsecrets.resolve import SecretProblem
 
 REQUEST_TIMEOUT = (5, 30)  # connect, read: seconds
+ATTEMPTS, RETRY_DELAY_S = 4, 1.0  # about 7 s of API server trouble before a job fails
+
+
+class _Transient(Exception):
+    """No answer, throttled, or a server error: worth another try."""
 
 
 class ClusterSecrets:
@@ -39,6 +45,17 @@ class ClusterSecrets:
             return self._core
 
     def read(self, namespace: str, name: str) -> Mapping[str, bytes] | None:
+        for attempt in range(ATTEMPTS):
+            try:
+                return self._read(namespace, name)
+            except _Transient as exc:
+                if attempt == ATTEMPTS - 1:
+                    raise SecretProblem(f"could not read Secret {namespace}/{name}: "
+                                        f"{exc}") from None
+                time.sleep(RETRY_DELAY_S * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _read(self, namespace: str, name: str) -> Mapping[str, bytes] | None:
         from kubernetes.client.exceptions import ApiException
 
         core = self._api()
@@ -55,11 +72,12 @@ class ClusterSecrets:
                     f"Secrets its namespace's Scripts declare (Role gristmill-script-secrets); "
                     f"check that the operator runs and that the WorkerGroup uses the "
                     f"ServiceAccount the operator made for it") from None
+            if exc.status == 429 or exc.status >= 500:
+                raise _Transient(_message(exc)) from None
             raise SecretProblem(f"could not read Secret {namespace}/{name}: "
                                 f"{_message(exc)}") from None
         except Exception as exc:  # noqa: BLE001 - the API server unreachable, say
-            raise SecretProblem(f"could not read Secret {namespace}/{name}: "
-                                f"{type(exc).__name__}: {exc}") from None
+            raise _Transient(f"{type(exc).__name__}: {exc}") from None
         return {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
 
 

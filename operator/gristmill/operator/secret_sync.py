@@ -73,7 +73,7 @@ class SecretAccess:
             return
         groups = self.custom.list_namespaced_custom_object(
             GROUP, VERSION, namespace, "workergroups", _request_timeout=REQUEST_TIMEOUT)["items"]
-        # The Role first: the binding must never reach a Role that allows more than now.
+        # The Role first: a binding to a new account never meets a stale, wider Role.
         server_side_apply(self.rbac.patch_namespaced_role, secrets_role(namespace, secrets),
                           OPERATOR_FIELD_MANAGER)
         server_side_apply(self.rbac.patch_namespaced_role_binding, secrets_role_binding(

@@ -89,6 +89,10 @@ class ContainerLog:
                 return
 
 
+class ContainerConfigError(Exception):
+    """What the kubelet reports as CreateContainerConfigError, in its words."""
+
+
 @dataclass
 class RunningPod:
     pod: dict[str, Any]
@@ -308,7 +312,7 @@ class Node:
                 return
             try:
                 env = await self._environment(running, container)
-            except (aiohttp.ClientError, KeyError) as exc:  # a Secret or key not there (yet)
+            except (aiohttp.ClientError, ContainerConfigError) as exc:  # not there (yet)
                 running.statuses[name] = self._container_status(container, restarts, {
                     "waiting": {"reason": "CreateContainerConfigError",
                                 "message": str(exc)[:500]}})
@@ -344,8 +348,12 @@ class Node:
         ready = all(s.get("ready") for s in statuses) and len(statuses) == len(
             running.pod["spec"]["containers"])
         condition = {"type": "Ready", "status": "True" if ready else "False"}
+        # Pending until a container has run, as a kubelet reports it (a container that
+        # cannot be configured, for a missing Secret, leaves its pod Pending).
+        ran = any(s["restartCount"] or {"running", "terminated"} & set(s["state"])
+                  for s in statuses)
         await self._patch_status(running, {
-            "phase": "Running", "containerStatuses": statuses,
+            "phase": "Running" if ran else "Pending", "containerStatuses": statuses,
             "conditions": [condition, {**condition, "type": "ContainersReady"}]})
 
     @staticmethod
@@ -471,6 +479,14 @@ class Node:
                # What a Service for the API server gives every pod: here, its real address.
                "KUBERNETES_SERVICE_HOST": self.cp.host,
                "KUBERNETES_SERVICE_PORT": str(self.cp.port)}
+        # As the kubelet's makeEnvironmentVariables: envFrom first, then env, which wins;
+        # a missing Secret or key stops the container unless its reference is optional.
+        for source in container.get("envFrom", []):
+            kind, ref = (("secrets", source["secretRef"]) if "secretRef" in source
+                         else ("configmaps", source["configMapRef"]))
+            data = await self._optional_data(running, kind, ref)
+            for key, value in (data or {}).items():
+                env[source.get("prefix", "") + key] = value.decode()
         for var in container.get("env", []):
             source = var.get("valueFrom")
             if source is None:
@@ -480,9 +496,30 @@ class Node:
             elif "secretKeyRef" in source or "configMapKeyRef" in source:
                 kind, ref = (("secrets", source["secretKeyRef"]) if "secretKeyRef" in source
                              else ("configmaps", source["configMapKeyRef"]))
-                env[var["name"]] = (await self._data(running, kind, ref["name"]))[
-                    ref["key"]].decode()
+                data = await self._optional_data(running, kind, ref)
+                if data is None:
+                    continue
+                if ref["key"] not in data:
+                    if ref.get("optional"):
+                        continue
+                    what = "Secret" if kind == "secrets" else "ConfigMap"
+                    raise ContainerConfigError(
+                        f"couldn't find key {ref['key']} in {what} "
+                        f"{running.pod['metadata']['namespace']}/{ref['name']}")
+                env[var["name"]] = data[ref["key"]].decode()
         return env
+
+    async def _optional_data(self, running: RunningPod, kind: str, ref: dict
+                             ) -> dict[str, bytes] | None:
+        """A Secret's or ConfigMap's data; None when it is missing and optional."""
+        try:
+            return await self._data(running, kind, ref["name"])
+        except aiohttp.ClientResponseError as exc:
+            if exc.status != 404:
+                raise
+            if ref.get("optional"):
+                return None
+            raise ContainerConfigError(f'{kind[:-1]} "{ref["name"]}" not found') from None
 
     # ---- stopping --------------------------------------------------------------------------------
 

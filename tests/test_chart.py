@@ -179,7 +179,7 @@ def test_rbac_is_files_rbac_in_the_release_namespace():
         assert mine == theirs
     policies = by_kind(rendered, "ValidatingAdmissionPolicy")
     bindings = by_kind(rendered, "ValidatingAdmissionPolicyBinding")
-    assert len(policies) == 4 and {b["spec"]["policyName"] for b in bindings.values()} == set(
+    assert len(policies) == 5 and {b["spec"]["policyName"] for b in bindings.values()} == set(
         policies)
     assert all(b["spec"]["validationActions"] == ["Deny"] for b in bindings.values())
 

@@ -98,10 +98,19 @@ def test_operator_rbac_is_valid_and_covers_what_the_handlers_touch(version):
         ("", "serviceaccounts"), ("rbac.authorization.k8s.io", "rolebindings"),
         ("networking.k8s.io", "networkpolicies")) for verb in ("get", "create", "patch")}
     assert needed <= granted
-    assert not any(verb in ("*", "delete", "escalate") for *_, verb in granted)
-    # It may bind the job runners' role, by name, and nothing else; it never runs pods.
-    (bind,) = [r for r in roles["gristmill-operator"]["rules"] if "bind" in r["verbs"]]
-    assert bind["resourceNames"] == ["gristmill-job-runner"] and bind["verbs"] == ["bind"]
+    rules = roles["gristmill-operator"]["rules"]
+    assert not any(verb == "*" for *_, verb in granted)
+    # delete, escalate and bind only by name: the job runners' ClusterRole (bind), and the
+    # per-namespace Role of Scripts' Secrets (secret_access.py); no right on any Secret.
+    assert all(rule.get("resourceNames") for rule in rules
+               if {"delete", "escalate", "bind"} & set(rule["verbs"]))
+    (job_runner,) = [r for r in rules if r.get("resourceNames") == ["gristmill-job-runner"]]
+    assert job_runner["verbs"] == ["bind"] and job_runner["resources"] == ["clusterroles"]
+    secret_rules = [r for r in rules if r.get("resourceNames") == ["gristmill-script-secrets"]]
+    assert {(r["resources"][0], verb) for r in secret_rules for verb in r["verbs"]} == {
+        ("roles", "create"), ("roles", "patch"), ("roles", "delete"), ("roles", "escalate"),
+        ("roles", "bind"), ("rolebindings", "delete")}
+    assert not any(resource == "secrets" for _, resource, _ in granted)
     assert ("", "pods", "create") not in granted
     # What the pod executor calls, in the namespace it is bound in: its pods through one
     # watch, and each job's Secret created, never read (garbage collection deletes it).

@@ -209,7 +209,9 @@ def test_pod_executor_groups_get_restricted_workers_an_account_and_a_network_pol
         update={"executor": "process"})})
     violations = restricted_violations(worker_deployment(process, "db")["spec"]["template"]["spec"])
     assert "worker: seccomp profile is Unconfined" in violations
-    assert job_runner_objects(process) == []
+    # Its workers get an account of their own (they read their jobs' Secrets with it,
+    # through the operator's gristmill-script-secrets Role), and no pod rights.
+    assert [obj["kind"] for obj in job_runner_objects(process)] == ["ServiceAccount"]
 
 
 JOBS = (

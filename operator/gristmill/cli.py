@@ -293,11 +293,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
                           poll_interval=args.poll_interval, stall_after=args.stall_after,
                           health_port=args.health_port or None)
 
+    if args.secrets:
+        from gristmill.jobsecrets.from_files import FileSecrets
+        secrets = FileSecrets(args.secrets)
+    else:
+        from gristmill.jobsecrets.from_cluster import ClusterSecrets
+        secrets = ClusterSecrets()  # with the worker's ServiceAccount, at the first need
+
     async def main(stop: asyncio.Event) -> int:
         if not await _migrate_when_reachable(url, stop):
             return 0
         try:
-            await Worker(config, executor).run(stop)
+            await Worker(config, executor, secrets).run(stop)
         except WorkerCrashed as exc:
             print(f"gristmill: {exc}; exiting for a restart", file=sys.stderr)
             return 1
@@ -494,6 +501,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         paths=args.paths, database_url=args.database_url or os.environ.get("GRISTMILL_DATABASE_URL"),
         data_dir=Path(args.data_dir), workers=args.workers or os.cpu_count() or 1,
         host=args.host, port=args.port, retention=args.retention, environ=os.environ,
+        secrets=args.secrets,
     )
     return _run_until_signalled(lambda stop: run_dev(options, stop))
 
@@ -520,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="local workers (default: cores)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--secrets", metavar="PATH", action="append", default=[],
+                   help="Kubernetes Secret manifests (kind: Secret, data or stringData) for "
+                        "jobs, besides those among the manifests; read by the workers for "
+                        "each job, never stored (repeatable)")
     _retention_arg(p)
     p.set_defaults(func=cmd_dev)
 
@@ -630,6 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the job's own (needs /dev/net/tun); pod: the worker pod's own "
                         "network namespace, shared (a pod's only, never the node's; what "
                         "the operator passes)")
+    p.add_argument("--secrets", metavar="PATH", action="append", default=[],
+                   help="process executor: read jobs' Secrets from the Kubernetes Secret "
+                        "manifests in PATH (a file or directory; repeatable) instead of the "
+                        "Kubernetes API (what `gristmill dev --secrets` passes)")
     p.add_argument("--pod-write-rate", type=_positive_float, metavar="PER_SECOND",
                    default=os.environ.get("GRISTMILL_POD_WRITE_RATE", "5"),
                    help="pod executor: API writes (job pods and Secrets created, pods deleted) "

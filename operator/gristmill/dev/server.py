@@ -50,6 +50,7 @@ class DevOptions:
     port: int = 8080
     retention: dt.timedelta = DEFAULT_RETENTION
     environ: Mapping[str, str] = field(default_factory=dict)  # where the token is noted
+    secrets: list[str] = field(default_factory=list)  # Secret manifests beyond `paths`
 
 
 def _manifest_snapshot(paths: list[str]) -> dict[str, tuple[float, int]]:
@@ -79,9 +80,12 @@ def _terminate_with_parent(parent: int):
 class WorkerPool:
     """N `gristmill worker` processes serving every tag, restarted when they die."""
 
-    def __init__(self, database_url: str, count: int):
+    def __init__(self, database_url: str, count: int, secrets: list[str] | None = None):
         self.database_url = database_url
         self.count = count
+        # Where the workers read jobs' Secrets (Secret manifests), instead of a cluster.
+        self.secret_args = [arg for path in secrets or []
+                            for arg in ("--secrets", str(Path(path).resolve()))]
         self.processes: list[asyncio.subprocess.Process] = []
 
     async def _spawn(self) -> asyncio.subprocess.Process:
@@ -90,7 +94,7 @@ class WorkerPool:
         # SIGTERM when `dev` dies, even of SIGKILL: no worker outlives it.
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gristmill.cli", "worker", "--tags", "*", "--concurrency", "1",
-            env=env, start_new_session=True, preexec_fn=_terminate_with_parent(os.getpid()))
+            *self.secret_args, env=env, start_new_session=True, preexec_fn=_terminate_with_parent(os.getpid()))
 
     async def start(self) -> None:
         self.processes = [await self._spawn() for _ in range(self.count)]
@@ -157,7 +161,7 @@ async def run_dev(options: DevOptions, stop: asyncio.Event) -> int:
     if url is None:
         server = EmbeddedPostgres(options.data_dir.absolute() / "postgres")
         url = await asyncio.to_thread(server.start)
-    workers = WorkerPool(url, options.workers)
+    workers = WorkerPool(url, options.workers, [*options.paths, *options.secrets])
     tasks: dict[asyncio.Task, str] = {}
     api = None
     try:

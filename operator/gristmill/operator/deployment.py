@@ -22,7 +22,7 @@ def deployment_name(group_name: str) -> str:
 
 
 def job_runner_name(group_name: str) -> str:
-    """The service account (and its RoleBinding) of a pod-executor group's workers."""
+    """The service account of a group's workers (and a pod-executor group's RoleBinding)."""
     return deployment_name(group_name)
 
 
@@ -113,16 +113,16 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "terminationGracePeriodSeconds": spec.terminationGracePeriodSeconds,
-        "automountServiceAccountToken": pods,
+        # Process-executor workers too: they read their jobs' Secrets with it (the sandbox
+        # binds only system directories, so jobs never see the token).
+        "automountServiceAccountToken": True,
+        "serviceAccountName": spec.serviceAccountName or job_runner_name(name),
     }
     if pods:
         pod_spec["securityContext"] = {"runAsNonRoot": True,
                                        "seccompProfile": {"type": "RuntimeDefault"}}
-        pod_spec["serviceAccountName"] = spec.serviceAccountName or job_runner_name(name)
     else:
         pod_spec["hostUsers"] = False
-        if spec.serviceAccountName:
-            pod_spec["serviceAccountName"] = spec.serviceAccountName
     template_metadata: dict[str, Any] = {"labels": pod_labels}
     if not pods:
         # AppArmor's container profile forbids the mounts bubblewrap makes (Ubuntu nodes);

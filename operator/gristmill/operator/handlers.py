@@ -44,6 +44,8 @@ from gristmill.operator.ownership import (
     server_side_apply,
 )
 from gristmill.operator.retrying import retried_when_transient
+from gristmill.operator.secret_access import declared_secrets, secrets_conditions
+from gristmill.operator.secret_sync import SecretAccess
 from gristmill.spec import WorkerGroup
 from gristmill.spec.workergroup import DEFAULT_WORKER_IMAGE
 from gristmill.store import connections
@@ -75,6 +77,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         start_http_server(METRICS_PORT)
     load_cluster_config()
     namespaces = [n for n in os.environ.get("GRISTMILL_WATCH_NAMESPACES", "").split(",") if n]
+    memo.secret_access = SecretAccess()
+    memo.secret_access.operator_user = (os.environ.get("GRISTMILL_OPERATOR_USER")
+                                        or await asyncio.to_thread(
+                                            memo.secret_access.who_am_i))
     groups = GroupLoop(memo.pool, Autoscaler(period_s=AUTOSCALE_S), AUTOSCALE_S, namespaces)
     memo.stop_loops = asyncio.Event()
     stop = memo.stop_loops
@@ -138,7 +144,45 @@ def _not_ready(status: kopf.Status, **_: Any) -> bool:
 @kopf.on.update(GROUP, VERSION, "scripts", field="spec")
 @retried_when_transient
 async def script_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    await _reconcile_script(body, patch, memo)
+
+
+async def _reconcile_script(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
     await _reconcile(reconcile.reconcile_script, body, patch, memo)
+    await _script_secrets(body, patch, memo)
+
+
+def _secrets_unsettled(status: kopf.Status, **_: Any) -> bool:
+    return any(c.get("type") == "SecretsAvailable" and c.get("status") != "True"
+               for c in status.get("conditions") or [])
+
+
+@kopf.timer(GROUP, VERSION, "scripts", interval=RECHECK_S, initial_delay=RECHECK_S,
+            when=_secrets_unsettled)
+@retried_when_transient
+async def script_secrets_recheck(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
+                                 **_: Any) -> None:
+    """A Script waiting for its Secret turns Ready once it is created (the operator does
+    not watch Secrets: it may not)."""
+    await _reconcile_script(body, patch, memo)
+
+
+async def _script_secrets(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    """Grant the namespace's workers its Scripts' Secrets, and say in the Script's status
+    whether those it cannot run without exist."""
+    namespace = body["metadata"]["namespace"]
+    await memo.secret_access.sync(namespace)
+    conditions = list(patch.status.get("conditions") or [])
+    stored = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    required = sorted(declared_secrets(body.get("spec"), required_only=True))
+    if not stored or not required:
+        return
+    missing, unknown = await memo.secret_access.missing(namespace, required)
+    patch.status["conditions"] = secrets_conditions(
+        conditions, missing, unknown, namespace, body["metadata"].get("generation"),
+        (body.get("status") or {}).get("conditions"))
+    if missing:
+        kopf.warn(body, reason="SecretNotFound", message=patch.status["conditions"][0]["message"])
 
 
 @kopf.on.resume(GROUP, VERSION, "flows")
@@ -164,6 +208,8 @@ async def definition_deleted(body: kopf.Body, namespace: str, name: str, memo: k
                              **_: Any) -> None:
     async with memo.pool.connection() as conn:
         await reconcile.forget(conn, body["kind"], namespace, name)
+    if body["kind"] == "Script":
+        await memo.secret_access.sync(namespace)  # its Secrets leave the Role
 
 
 # ---- WorkerGroups ------------------------------------------------------------------------------
@@ -221,7 +267,7 @@ def _other_conditions(conditions: list[dict[str, Any]] | None) -> list[dict[str,
 @kopf.on.update(GROUP, VERSION, "workergroups", field="spec")
 @retried_when_transient
 async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
-                               **_: Any) -> None:
+                               memo: kopf.Memo, **_: Any) -> None:
     generation = body["metadata"].get("generation")
     previous = (body.get("status") or {}).get("conditions")
     try:
@@ -239,6 +285,7 @@ async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
     for owned in [*job_runner_objects(group), worker_network_policy(group)]:
         kopf.adopt(owned, owner=body)
         await asyncio.to_thread(_apply, owned)
+    await memo.secret_access.sync(group.metadata.namespace)  # its account reads the Secrets
     deployment = worker_deployment(group, DATABASE_SECRET, replicas=start,
                                    default_image=WORKER_IMAGE)
     kopf.adopt(deployment, owner=body)

@@ -1,6 +1,7 @@
-"""What a pod-executor WorkerGroup's workers need besides their Deployment (pure functions).
+"""What a WorkerGroup's workers need besides their Deployment (pure functions).
 
-A ServiceAccount for the workers (unless the group names its own), a RoleBinding
+A ServiceAccount for the workers (unless the group names its own); for the pod
+executor also a RoleBinding
 to the `gristmill-job-runner` ClusterRole the chart ships (create, get, list,
 watch and delete pods, read their logs, create the Secrets that carry jobs to
 their pods: in the group's namespace only), and a NetworkPolicy that cuts every
@@ -27,14 +28,16 @@ def _metadata(group: WorkerGroup, name: str) -> dict[str, Any]:
 
 
 def job_runner_objects(group: WorkerGroup) -> list[dict[str, Any]]:
-    if group.spec.executor != "pod":
-        return []
     name = job_runner_name(group.metadata.name)
     account = group.spec.serviceAccountName or name
     objects: list[dict[str, Any]] = []
     if not group.spec.serviceAccountName:
+        # Process-executor workers too: the namespace's gristmill-script-secrets Role is
+        # bound to it (secret_access.py), so they read their jobs' Secrets and no others.
         objects.append({"apiVersion": "v1", "kind": "ServiceAccount",
                         "metadata": _metadata(group, name)})
+    if group.spec.executor != "pod":
+        return objects
     objects.append({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": _metadata(group, name),

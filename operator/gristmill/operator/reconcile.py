@@ -46,15 +46,21 @@ def condition_message(message: str) -> str:
     return message[:MAX_MESSAGE_LENGTH - len(tail)] + tail
 
 
-def ready_condition(ready: bool, reason: str, message: str, generation: int | None,
-                    previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A `Ready` condition; lastTransitionTime moves only when the status flips."""
-    status = "True" if ready else "False"
-    before = next((c for c in previous or [] if c.get("type") == "Ready"), None)
+def condition(kind: str, status: str, reason: str, message: str, generation: int | None,
+              previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A condition of `kind`; lastTransitionTime moves only when its status changes."""
+    before = next((c for c in previous or [] if c.get("type") == kind), None)
     since = before["lastTransitionTime"] if before and before.get("status") == status else now()
-    return {"type": "Ready", "status": status, "reason": reason,
+    return {"type": kind, "status": status, "reason": reason,
             "message": condition_message(message), "lastTransitionTime": since,
             "observedGeneration": generation}
+
+
+def ready_condition(ready: bool, reason: str, message: str, generation: int | None,
+                    previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A `Ready` condition."""
+    return condition("Ready", "True" if ready else "False", reason, message, generation,
+                     previous)
 
 
 def manifest(body: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,25 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class SecretKeyRef:
+    """An environment variable whose value is a key of a Secret in the job's namespace."""
+
+    env_name: str
+    secret: str
+    key: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class SecretEnvFrom:
+    """A Secret whose every key becomes an environment variable (`prefix` + key)."""
+
+    secret: str
+    prefix: str = ""
+    optional: bool = False
+
+
+@dataclass(frozen=True)
 class JobRequest:
     job_id: str
     language: str  # python | bash
@@ -49,6 +68,14 @@ class JobRequest:
     env: Mapping[str, str] = field(default_factory=dict)  # all the job's environment
     network: bool = False
     limits: Limits = Limits()
+    # The job's Secrets, as references: the pod executor hands them to the kubelet; for the
+    # process executor the worker reads them first (jobsecrets.resolve) into `env`.
+    secret_env: tuple[SecretKeyRef, ...] = ()
+    secret_env_from: tuple[SecretEnvFrom, ...] = ()
+
+    @property
+    def reads_secrets(self) -> bool:
+        return bool(self.secret_env or self.secret_env_from)
 
 
 @dataclass(frozen=True)

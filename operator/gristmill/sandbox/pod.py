@@ -49,7 +49,14 @@ from gristmill.kube import ClusterUnavailable, api_message, load_cluster_config
 from gristmill.sandbox.base import JobOutcome, JobRequest, SandboxUnavailable, failure
 from gristmill.sandbox.pod_job import PayloadTooLarge, job_payload, parse_outcome_line
 from gristmill.sandbox.pod_objects import job_pod, job_secret
-from gristmill.sandbox.pod_status import HOPELESS, ended, explain_end, pending_reason, started
+from gristmill.sandbox.pod_status import (
+    HOPELESS,
+    config_problem,
+    ended,
+    explain_end,
+    pending_reason,
+    started,
+)
 from gristmill.sandbox.pod_watch import PodState, PodWatch
 from gristmill.sandbox.token_bucket import TokenBucket
 
@@ -106,6 +113,9 @@ class _LogLines:
 
 
 class PodExecutor:
+    # Job pods name their Secrets; the kubelet reads them, the worker never does.
+    resolves_secret_refs = True
+
     def __init__(self, namespace: str, image: str, worker: str, group: str | None = None,
                  owner: dict[str, Any] | None = None, start_timeout_s: float = 300.0,
                  write_rate: float = WRITE_RATE, write_burst: int = WRITE_BURST):
@@ -272,7 +282,8 @@ class PodExecutor:
                                          f"(from outside, or with its worker pod)")
             why = pending_reason(status) or why
             if why.split(":")[0] in HOPELESS:
-                return failure("setup", f"the job pod cannot start: {why}")
+                return failure("setup", config_problem(why, self.namespace)
+                               or f"the job pod cannot start: {why}")
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break

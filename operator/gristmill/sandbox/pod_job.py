@@ -20,14 +20,17 @@ import codecs
 import contextlib
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
 import sys
 import threading
 import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from gristmill.jobsecrets.masking import Masker, masked_outcome
 from gristmill.runtimes import get_runtime
 from gristmill.runtimes.base import WORK, Report
 from gristmill.runtimes.results import checked_result, clean_error, parse_lenient
@@ -38,6 +41,27 @@ PAYLOAD_KEY = "job.json.z"  # the Secret's one key: the job as zlib-compressed J
 MAX_PAYLOAD = 2**20  # the API server refuses a Secret whose data passes 1 MiB
 PATH = "/usr/local/bin:/usr/bin:/bin"
 LINGER_S = 1.0  # for output still in the pipe once the job's main process exited
+# The job's Secrets reach this runner as its own environment, set by the kubelet under
+# these names (pod_objects.secret_references); the job gets them under its own names.
+SECRET_ENV_PREFIX = "GRISTMILL_SECRET_ENV_"
+SECRET_FROM_PREFIX = "GRISTMILL_SECRET_FROM_"
+_FROM_NAME = re.compile(r"^GRISTMILL_SECRET_FROM_(\d+)_(.+)$", re.S)
+
+
+def secret_env_from_prefix(index: int) -> str:
+    """The prefix of the variables of the job's `index`th envFrom Secret."""
+    return f"{SECRET_FROM_PREFIX}{index}_"
+
+
+def secret_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The job's Secret variables under the names the Script gave them: envFrom Secrets in
+    order, then env's keys, which win (as in a Pod)."""
+    from_secrets = sorted((int(found[1]), found[2], value) for name, value in environ.items()
+                          if (found := _FROM_NAME.match(name)))
+    env = {name: value for _, name, value in from_secrets}
+    env.update({name.removeprefix(SECRET_ENV_PREFIX): value for name, value in environ.items()
+                if name.startswith(SECRET_ENV_PREFIX) and len(name) > len(SECRET_ENV_PREFIX)})
+    return env
 
 
 class PayloadTooLarge(ValueError):
@@ -100,8 +124,10 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def run(request: JobRequest, workdir: Path) -> tuple[JobOutcome, bool]:
-    """Run the job in `workdir`; the outcome, and whether its stdout ended mid-line."""
+def run(request: JobRequest, workdir: Path, secrets: Mapping[str, str] | None = None,
+        write: Callable[[str], None] = _write) -> tuple[JobOutcome, bool]:
+    """Run the job in `workdir` with its Secrets' variables; the outcome, and whether its
+    stdout ended mid-line. The job's output goes to `write`."""
     runtime = get_runtime(request.language)
     env = {"PATH": PATH, "HOME": str(workdir), "LANG": "C.UTF-8", "TMPDIR": "/tmp",
            **runtime.env(request)}
@@ -111,12 +137,13 @@ def run(request: JobRequest, workdir: Path) -> tuple[JobOutcome, bool]:
         try:
             # The job's own cache, in its own pod: nobody else could have planted anything.
             site = RequirementsCache(workdir / ".cache", verify=False).install(
-                request.requirements, _write)
+                request.requirements, write)
         except RuntimeError as exc:
             return failure("setup", f"{exc} (a job pod installs requirements itself: it "
                                     f"needs to reach the package index)"), False
         env["PYTHONPATH"] = str(site)
-    env.update(request.env)
+    env.update(secrets or {})
+    env.update(request.env)  # the Script's values and GRISTMILL_*: as the worker orders them
     report_read, report_write = os.pipe()
     argv = [arg.replace(WORK, str(workdir))
             for arg in runtime.prepare(request, workdir, sys.executable, report_write)]
@@ -147,7 +174,7 @@ def run(request: JobRequest, workdir: Path) -> tuple[JobOutcome, bool]:
     def pump() -> None:
         while chunk := process.stdout.read1(65536):
             text = decoder.decode(chunk)
-            _write(text)
+            write(text)
             kept.append(text)
 
     reader = threading.Thread(target=pump, daemon=True)
@@ -173,7 +200,12 @@ def main() -> int:
                          f"{PAYLOAD_DIR}/{PAYLOAD_KEY}\n")
         return 2
     request, marker = read_payload(Path(sys.argv[1]).read_bytes())
-    outcome, mid_line = run(request, Path.cwd())
+    secrets = secret_environment(os.environ)
+    masker = Masker(secrets.values())
+    output = masker.stream(_write)  # masked here: the worker never sees the values
+    outcome, mid_line = run(request, Path.cwd(), secrets, output.feed)
+    output.flush()
+    outcome = masked_outcome(masker, outcome)
     _write(("\n" if mid_line else "") + outcome_line(marker, outcome) + "\n")
     return 0
 

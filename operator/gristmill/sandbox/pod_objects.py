@@ -10,7 +10,12 @@ from typing import Any
 
 from gristmill import labels
 from gristmill.sandbox.base import JobRequest
-from gristmill.sandbox.pod_job import PAYLOAD_DIR, PAYLOAD_KEY
+from gristmill.sandbox.pod_job import (
+    PAYLOAD_DIR,
+    PAYLOAD_KEY,
+    SECRET_ENV_PREFIX,
+    secret_env_from_prefix,
+)
 
 JOB_UID = 65532  # the distroless "nonroot" uid: any image works, root-owned or not
 
@@ -64,6 +69,7 @@ def job_pod(request: JobRequest, image: str, start_timeout_s: float, worker: str
                     "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
                     "seccompProfile": {"type": "RuntimeDefault"},
                 },
+                **secret_references(request),
                 "volumeMounts": [{"name": "work", "mountPath": "/work"},
                                  {"name": "tmp", "mountPath": "/tmp"},
                                  {"name": "job", "mountPath": PAYLOAD_DIR, "readOnly": True}],
@@ -78,6 +84,22 @@ def job_pod(request: JobRequest, image: str, start_timeout_s: float, worker: str
             ],
         },
     }
+
+
+def secret_references(request: JobRequest) -> dict[str, Any]:
+    """The container's `env` and `envFrom` that name the job's Secrets: the kubelet reads
+    them (the worker never does), under names of the job runner's own, which hands them to
+    the job under the names the Script gave (pod_job.secret_environment)."""
+    refs: dict[str, Any] = {}
+    if request.secret_env:
+        refs["env"] = [{"name": SECRET_ENV_PREFIX + ref.env_name, "valueFrom": {"secretKeyRef": {
+            "name": ref.secret, "key": ref.key, "optional": ref.optional}}}
+            for ref in request.secret_env]
+    if request.secret_env_from:
+        refs["envFrom"] = [{"secretRef": {"name": source.secret, "optional": source.optional},
+                            "prefix": secret_env_from_prefix(index) + source.prefix}
+                           for index, source in enumerate(request.secret_env_from)]
+    return refs
 
 
 def job_secret(pod: dict[str, Any], pod_uid: str, payload: bytes) -> dict[str, Any]:

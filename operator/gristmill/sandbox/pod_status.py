@@ -3,9 +3,16 @@ pending, and why did it end without an outcome (pure functions)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from gristmill.jobsecrets.resolve import not_found
 from gristmill.sandbox.base import JobOutcome, failure
+
+# The kubelet's words for a Secret a container's env names and cannot be had
+# (kubelet_pods.go, makeEnvironmentVariables).
+_SECRET_MISSING = re.compile(r'secrets? "([^"]+)" not found')
+_KEY_MISSING = re.compile(r"couldn't find key (\S+) in Secret ([^/\s]+)/(\S+)")
 
 # Waiting reasons that no amount of waiting fixes.
 HOPELESS = {"InvalidImageName", "CreateContainerConfigError", "CreateContainerError",
@@ -30,6 +37,19 @@ def explain_end(status: dict[str, Any], gone: bool = False) -> JobOutcome:
                                  "with its worker pod)")
     return failure("exit", f"the job pod exited with code {code} ({reason}) before "
                            f"reporting an outcome")
+
+
+def config_problem(why: str, namespace: str) -> str | None:
+    """What to do about a CreateContainerConfigError that names a job's Secret."""
+    if not why.startswith("CreateContainerConfigError"):
+        return None
+    if found := _KEY_MISSING.search(why):
+        key, secret_namespace, name = found.groups()
+        return (f"Secret {secret_namespace}/{name} has no key {key}: add it or mark the "
+                f"reference optional")
+    if found := _SECRET_MISSING.search(why):
+        return not_found(namespace, found[1])
+    return None
 
 
 def pending_reason(status: dict[str, Any]) -> str | None:

@@ -270,6 +270,9 @@ class ProcessExecutor:
     async def run(self, request: JobRequest, on_output: Callable[[str], None],
                   cancel: asyncio.Event) -> JobOutcome:
         runtime = get_runtime(request.language)
+        if request.reads_secrets:  # the worker reads them into env first (worker/secret_env)
+            return failure("setup", "the job's Secret references were not read: the process "
+                                    "executor runs jobs whose Secrets are already in their env")
         if request.network and (problem := network_problem(self.job_network)):
             return failure("setup", problem)
         if request.network and self.job_network == NETWORK_POD:

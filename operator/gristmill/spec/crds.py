@@ -69,7 +69,10 @@ KINDS = [
     ], rules={"": NAME_RULES,
               "spec": [{"rule": "self.language == 'python' || !has(self.requirements) || "
                                 "size(self.requirements) == 0",
-                        "message": "requirements are for Python Scripts"}]}),
+                        "message": "requirements are for Python Scripts"},
+                       {"rule": "!has(self.env) || self.env.all(e, !has(e.valueFrom) || "
+                                "!has(e.value) || e.value == '')",
+                        "message": "env: give `value` or `valueFrom`, not both"}]}),
     Kind(Flow, "flows", ["gmf"], [
         READY, {"name": "Steps", "type": "integer", "jsonPath": ".status.steps"},
         VERSION_COLUMN, AGE,

@@ -161,6 +161,10 @@ class Step(KubernetesModel):
                              f"steps")
         if self.input and not (leaf or self.flow):
             raise ValueError(f"step {self.id!r}: input applies to script, inline and flow steps")
+        if self.inline is not None and self.inline.secret_names():
+            # The operator grants workers the Secrets that Scripts declare, not Flows.
+            raise ValueError(f"step {self.id!r}: an inline step cannot read Secrets; move it "
+                             f"to a Script and call it with `script:`")
         return self
 
     @property

@@ -64,9 +64,57 @@ class Sandbox(KubernetesModel):
     network: bool = Field(False, description="Let the run reach the network.")
 
 
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# As Kubernetes checks them: a Secret's name is a DNS-1123 subdomain, its keys are
+# [-._a-zA-Z0-9]+ (both at most 253 characters).
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+MAX_SECRET_NAME = 253
+
+
 class EnvVar(KubernetesModel):
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Variable name.")
+    name: str = Field(pattern=ENV_NAME_PATTERN, description="Variable name.")
     value: str = Field("", description="Its value.")
+
+
+class SecretKeySelector(KubernetesModel):
+    name: str = Field(max_length=MAX_SECRET_NAME, pattern=SECRET_NAME_PATTERN,
+                      description="The Secret, in the Script's namespace.")
+    key: str = Field(max_length=MAX_SECRET_NAME, pattern=SECRET_KEY_PATTERN,
+                     description="The key whose value the variable gets.")
+    optional: bool = Field(False, description="Run without the variable when the Secret or "
+                                              "the key is missing (default: the run fails).")
+
+
+class EnvVarSource(KubernetesModel):
+    secretKeyRef: SecretKeySelector = Field(description="A key of a Secret.")
+
+
+class ScriptEnvVar(EnvVar):
+    """A variable of a run: a value, or a key of a Secret (as in a Pod's container)."""
+
+    valueFrom: EnvVarSource | None = Field(None, description="Where the value comes from; "
+                                                             "`value` must then be empty.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ScriptEnvVar:
+        if self.valueFrom is not None and self.value:
+            raise ValueError(f"{self.name}: give `value` or `valueFrom`, not both")
+        return self
+
+
+class SecretEnvSource(KubernetesModel):
+    name: str = Field(max_length=MAX_SECRET_NAME, pattern=SECRET_NAME_PATTERN,
+                      description="The Secret, in the Script's namespace.")
+    optional: bool = Field(False, description="Run without its variables when the Secret is "
+                                              "missing (default: the run fails).")
+
+
+class EnvFromSource(KubernetesModel):
+    secretRef: SecretEnvSource = Field(description="Every key of this Secret becomes a "
+                                                   "variable.")
+    prefix: str | None = Field(None, pattern=ENV_NAME_PATTERN,
+                               description="Put before each key to make the variable's name.")
 
 
 class ScriptSpec(KubernetesModel):
@@ -89,8 +137,13 @@ class ScriptSpec(KubernetesModel):
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
     resources: Resources = Field(default_factory=Resources, description="Limits of one run.")
     sandbox: Sandbox = Field(default_factory=Sandbox, description="Sandbox options.")
-    env: list[EnvVar] = Field(default_factory=list, description="Environment of the run: "
-                                                                "nothing else reaches it.")
+    env: list[ScriptEnvVar] = Field(default_factory=list,
+                                    description="Environment of the run: nothing else "
+                                                "reaches it. A value, or a key of a Secret "
+                                                "in the Script's namespace (valueFrom).")
+    envFrom: list[EnvFromSource] = Field(default_factory=list,
+                                         description="Secrets whose every key becomes a "
+                                                     "variable; `env` wins over them.")
     input: dict[str, Any] | None = Field(None, description="JSON Schema of the input; inferred "
                                                            "from main() for Python when absent.")
     _inferred_input: dict[str, Any] | None = PrivateAttr(None)
@@ -147,6 +200,14 @@ class ScriptSpec(KubernetesModel):
     @property
     def effective_tag(self) -> str:
         return self.tag or self.language
+
+    def secret_names(self, required_only: bool = False) -> list[str]:
+        """The Secrets the Script's runs read (those it cannot run without)."""
+        names = {var.valueFrom.secretKeyRef.name for var in self.env if var.valueFrom
+                 and not (required_only and var.valueFrom.secretKeyRef.optional)}
+        names |= {source.secretRef.name for source in self.envFrom
+                  if not (required_only and source.secretRef.optional)}
+        return sorted(names)
 
     def input_schema(self) -> dict[str, Any]:
         if self.input is not None:

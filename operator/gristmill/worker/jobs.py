@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gristmill.flows import catalog
-from gristmill.sandbox.base import JobRequest, Limits
+from gristmill.sandbox.base import JobRequest, Limits, SecretEnvFrom, SecretKeyRef
 from gristmill.spec import ScriptSpec, apply_defaults, parse_cpu, parse_duration, parse_memory
 from gristmill.worker.retry import backoff_delay
 
@@ -20,6 +20,8 @@ class JobPlan:
     input_schema: dict[str, Any]
     limits: Limits
     env: dict[str, str]
+    secret_env: tuple[SecretKeyRef, ...] = ()
+    secret_env_from: tuple[SecretEnvFrom, ...] = ()
 
     def request(self, job_id: uuid.UUID, job_input: dict[str, Any],
                 timeout_s: float | None = None, job_env: dict[str, str] | None = None
@@ -35,6 +37,8 @@ class JobPlan:
             env={**self.env, **(job_env or {})},
             network=self.spec.sandbox.network,
             limits=limits,
+            secret_env=self.secret_env,
+            secret_env_from=self.secret_env_from,
         )
 
     def retry_delay(self, attempt: int) -> float:
@@ -57,5 +61,12 @@ def plan_job(version: str, stored_spec: dict[str, Any]) -> JobPlan:
         max_file_bytes=parse_memory(resources.maxFileSize),
         disk_bytes=parse_memory(resources.disk),
     )
-    env = {var.name: var.value for var in spec.env}
-    return JobPlan(spec=spec, input_schema=script.input_schema, limits=limits, env=env)
+    env = {var.name: var.value for var in spec.env if var.valueFrom is None}
+    secret_env = tuple(SecretKeyRef(var.name, ref.name, ref.key, ref.optional)
+                       for var in spec.env if var.valueFrom
+                       for ref in [var.valueFrom.secretKeyRef])
+    secret_env_from = tuple(SecretEnvFrom(source.secretRef.name, source.prefix or "",
+                                          source.secretRef.optional)
+                            for source in spec.envFrom)
+    return JobPlan(spec=spec, input_schema=script.input_schema, limits=limits, env=env,
+                   secret_env=secret_env, secret_env_from=secret_env_from)

@@ -34,12 +34,15 @@ from typing import Any, TypeVar
 
 from gristmill import values
 from gristmill.flows import engine as flow_engine
+from gristmill.jobsecrets.masking import masked_outcome
+from gristmill.jobsecrets.resolve import SecretProblem, SecretReader
 from gristmill.sandbox.base import Executor, JobOutcome, failure
 from gristmill.store import connections, logs, queue, workers
 from gristmill.store import scripts as script_store
 from gristmill.worker.jobs import JobPlan, plan_job
 from gristmill.worker.liveness import Liveness, serve_probe
 from gristmill.worker.retry import retry_delay as compute_retry_delay
+from gristmill.worker.secret_env import with_secrets
 
 log = logging.getLogger("gristmill.worker")
 
@@ -140,9 +143,11 @@ async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> Non
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, executor: Executor):
+    def __init__(self, config: WorkerConfig, executor: Executor,
+                 secrets: SecretReader | None = None):
         self.config = config
         self.executor = executor
+        self.secrets = secrets  # where the process executor's jobs' Secrets are read
         self.id = config.worker_id
         self.liveness = Liveness(config.stall_after)
         self._running: dict[uuid.UUID, _Running] = {}
@@ -375,8 +380,14 @@ class Worker:
             request = plan.request(job.id, job.input, timeout_s=job.timeout_s,
                                    job_env=_job_env(job))
             self._log(job.id, f"[gristmill] attempt {job.attempt}/{job.max_attempts} on {self.id}\n")
-            outcome = await self.executor.run(request, lambda text: self._log(job.id, text),
-                                              running.cancel)
+            request, masker = await with_secrets(request, job.namespace, self.executor,
+                                                 self.secrets)
+            output = masker.stream(lambda text: self._log(job.id, text))
+            outcome = await self.executor.run(request, output.feed, running.cancel)
+            output.flush()
+            outcome = masked_outcome(masker, outcome)
+        except SecretProblem as exc:
+            outcome = failure("setup", str(exc))
         except Exception as exc:  # a bug or an environment problem, never the job's fault
             log.exception("job %s could not be run", job.id)
             outcome = failure("setup", f"{exc}")

@@ -140,7 +140,10 @@ def test_a_process_job_reads_its_declared_secret_and_its_worker_no_other(operato
     sneaky = kubectl(crds, *as_operator, kubeconfig=operator.kubeconfig, check=False,
                      input=json.dumps({
                          "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                         "metadata": {"name": "sneaky", "namespace": NAMESPACE},
+                         # Labelled as the operator's own, so that this policy (not
+                         # gristmill-operator-owned-writes) is the one that refuses it.
+                         "metadata": {"name": "sneaky", "namespace": NAMESPACE, "labels": {
+                             "app.kubernetes.io/managed-by": "gristmill-operator"}},
                          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                      "name": "gristmill-script-secrets"},
                          "subjects": [{"kind": "ServiceAccount", "name": "default",

@@ -20,6 +20,7 @@ from test_flows import SCRIPTS, flow
 from gristmill.api.server import serve
 from gristmill.flows.evaluator import Budget, Evaluator, context_units
 from gristmill.spec.expressions import ExpressionError, analyse, compile_expression
+from tests import apikit
 
 HOSTILE = "flow_input.xs.map(a, flow_input.xs.map(b, flow_input.xs.map(c, a * b * c)))"
 BIG_INPUT = {"xs": list(range(1000))}  # 4.9 KB of JSON
@@ -121,10 +122,10 @@ async def test_the_api_keeps_answering_while_a_hostile_expression_is_stopped(flo
     """))
     port = _free_port()
     stop = asyncio.Event()
-    server = asyncio.create_task(serve(database_url, "127.0.0.1", port, stop))
+    server = asyncio.create_task(serve(apikit.settings(database_url), "127.0.0.1", port, stop))
     base = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as http:
+        async with apikit.session() as http:
             for _ in range(100):
                 try:
                     async with http.get(f"{base}/healthz") as response:

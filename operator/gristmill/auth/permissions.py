@@ -56,16 +56,16 @@ class Rule:
 
 # The chart's ClusterRoles. Each grants what a kind of user does; they nest (a runner can
 # do what a viewer can) so one binding is enough.
-# Who did what to a namespace's runs (the audit trail) is as visible as the runs.
-_VIEW = (Rule(("get", "list"), ("runs",)), Rule(("get", "list"), ("scripts", "flows")),
-         Rule(("list",), ("audit",)))
+_VIEW = Rule(("get", "list"), ("runs",)), Rule(("get", "list"), ("scripts", "flows"))
 _RUN = (Rule(("create",), ("scripts/runs", "flows/runs")),
         Rule(("update",), ("runs/cancel", "runs/restart")))
 _APPROVE = (Rule(("update",), ("runs/approval",)),)
 ROLES: dict[str, tuple[Rule, ...]] = {
     "gristmill-viewer": _VIEW,
     "gristmill-runner": (*_VIEW, *_RUN),
-    "gristmill-approver": (Rule(("get",), ("runs",)), *_APPROVE),
+    # The audit trail (who did what, from where) is for those who oversee: approvers and
+    # admins.
+    "gristmill-approver": (Rule(("get",), ("runs",)), *_APPROVE, Rule(("list",), ("audit",))),
     "gristmill-admin": (Rule(("*",), ("*",)),),
 }
 

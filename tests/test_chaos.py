@@ -200,7 +200,9 @@ async def test_chaos_loses_no_run_and_doubles_no_step(chaos_postgres, tmp_path):
         fleet.stop()
 
     statuses = await runs_by_status(url)
-    assert len(accepted) > 200
+    # Enough runs of both kinds crossed the disruptions to mean something; not a rate (a
+    # loaded machine accepts fewer in the same time: 107 at load average 9, 300 idle).
+    assert len(accepted) >= 50
     assert {statuses[run_id] for run_id in accepted} == {"succeeded"}
     assert 500 not in answers  # a restart costs a retry (or a 503), never a server error
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as db:

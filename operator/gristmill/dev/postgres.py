@@ -104,6 +104,7 @@ class EmbeddedPostgres:
     # cluster's pod network); by default 127.0.0.1 alone.
     also_listen: str | None = None
     also_allow: str | None = None
+    max_connections: int = 200
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).absolute()
@@ -239,7 +240,7 @@ class EmbeddedPostgres:
             f"-p {self.port}",
             f"-c listen_addresses=127.0.0.1{',' + self.also_listen if self.also_listen else ''}",
             f"-c unix_socket_directories={self.socket_dir}",
-            "-c max_connections=200",
+            f"-c max_connections={self.max_connections}",
             "-c shared_buffers=128MB",
         ]
         if not self.durable:

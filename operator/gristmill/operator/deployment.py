@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from gristmill import labels
@@ -103,7 +104,9 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
         "args": args,
         "env": env,
         "resources": spec.resources,
-        "securityContext": POD_WORKER_SECURITY if pods else PROCESS_WORKER_SECURITY,
+        # A copy: the Deployment is the caller's to change, the module's constant is not.
+        "securityContext": copy.deepcopy(POD_WORKER_SECURITY if pods
+                                         else PROCESS_WORKER_SECURITY),
         "ports": [{"name": "health", "containerPort": HEALTH_PORT}],
         # Fails when claiming, finishing or heartbeating has not succeeded for a minute
         # (the worker's --stall-after), so a worker that cannot heal itself is restarted.

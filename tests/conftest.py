@@ -10,11 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import clusterkit
 import k8s_build
@@ -23,6 +20,7 @@ import pytest
 from k8s_cluster import ControlPlane
 from k8s_network import PodNetwork
 from k8s_node import NodeThread
+from pgkit import embedded_postgres
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from gristmill.dev.postgres import EmbeddedPostgres
@@ -38,14 +36,8 @@ def postgres_server():
     if external:
         yield external
         return
-    base = Path(tempfile.mkdtemp(prefix="gristmill-test-pg-", dir="/tmp"))
-    server = EmbeddedPostgres(base, durable=False)
-    url = server.start()
-    try:
-        yield url
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    with embedded_postgres("test-pg") as server:
+        yield server.url()
 
 
 def _database_url(server_url: str, dbname: str) -> str:
@@ -93,15 +85,10 @@ def empty_database_url(postgres_server):
 async def private_postgres():
     """(server, url) of a migrated PostgreSQL of this test's own, for tests that restart or
     stop it: the session's server must not go away under the other tests."""
-    base = Path(tempfile.mkdtemp(prefix="gristmill-private-pg-", dir="/tmp"))
-    server = EmbeddedPostgres(base, durable=False)  # a clean restart loses nothing anyway
-    url = await asyncio.to_thread(server.start)
-    await migrate_url(url)
-    try:
+    with embedded_postgres("private-pg") as server:
+        url = server.url()
+        await migrate_url(url)
         yield server, url
-    finally:
-        await asyncio.to_thread(server.stop)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @dataclass
@@ -130,24 +117,19 @@ def cluster(tmp_path_factory):
             pytest.fail(reason)
         pytest.skip(reason)
     network = PodNetwork().create()
-    control_plane = node = database = None
+    control_plane = node = None
     try:
         control_plane = ControlPlane(binaries, tmp_path_factory.mktemp("control-plane"),
                                      network.gateway).start()
         node = NodeThread(control_plane, network).start()
-        base = Path(tempfile.mkdtemp(prefix="gristmill-cluster-pg-", dir="/tmp"))
-        database = EmbeddedPostgres(base, durable=False, also_listen=network.gateway,
-                                    also_allow=str(network.subnet))
-        database.start()
-        yield Cluster(control_plane, node, network, database)
+        with embedded_postgres("cluster-pg", also_listen=network.gateway,
+                               also_allow=str(network.subnet)) as database:
+            yield Cluster(control_plane, node, network, database)
     finally:
         if node:
             node.stop()
         if control_plane:
             control_plane.stop()
-        if database:
-            database.stop()
-            shutil.rmtree(database.data_dir, ignore_errors=True)
         network.destroy()
 
 

@@ -59,7 +59,9 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class _Container:
+class ContainerLog:
+    """What a container printed, for the log endpoint (the test node's too)."""
+
     def __init__(self):
         self.output = bytearray()
         self.changed = asyncio.Condition()
@@ -95,7 +97,7 @@ class _Container:
 class ProcessKubelet:
     def __init__(self, emulator, url: str, namespace: str):
         self.url, self.namespace = url.rstrip("/"), namespace
-        self.containers: dict[str, _Container] = {}
+        self.containers: dict[str, ContainerLog] = {}
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.started: list[dict] = []  # every pod it ran, as created
         self.cut_log_streams = False
@@ -219,7 +221,7 @@ class ProcessKubelet:
                    **{key: os.environ[key] for key in ("PYTHONPATH",) if key in os.environ},
                    **{var["name"]: var.get("value", "") for var in container.get("env", [])}}
             self.started.append(pod)
-            logs = self.containers[name] = _Container()
+            logs = self.containers[name] = ContainerLog()
             process = await asyncio.create_subprocess_exec(
                 *command, cwd=workdir, env=env, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True)

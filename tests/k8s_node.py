@@ -40,6 +40,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from k8s_cluster import ControlPlane
+from k8s_kubelet import ContainerLog
 from k8s_network import PodNetwork
 
 log = logging.getLogger("k8s_node")
@@ -55,38 +56,6 @@ SCRATCH = Path("/var/lib/gristmill-test-node/pods")
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class ContainerLog:
-    """What a container printed, followed by the log endpoint."""
-
-    def __init__(self):
-        self.output = bytearray()
-        self.changed = asyncio.Condition()
-        self.done = False
-
-    async def append(self, chunk: bytes) -> None:
-        async with self.changed:
-            self.output += chunk
-            self.changed.notify_all()
-
-    async def finish(self) -> None:
-        async with self.changed:
-            self.done = True
-            self.changed.notify_all()
-
-    async def follow(self, response: web.StreamResponse, follow: bool) -> None:
-        sent = 0
-        while True:
-            async with self.changed:
-                if sent == len(self.output) and not self.done and follow:
-                    await self.changed.wait()
-                chunk, done = bytes(self.output[sent:]), self.done
-            sent += len(chunk)
-            if chunk:
-                await response.write(chunk)
-            if not follow or (done and sent == len(self.output)):
-                return
 
 
 class ContainerConfigError(Exception):
@@ -575,7 +544,9 @@ class Node:
                 lines = bytes(logs.output).splitlines(keepends=True)
                 await response.write(b"".join(lines[-int(request.query["tailLines"]):]))
             else:
-                await logs.follow(response, request.query.get("follow") == "true")
+                async for chunk in logs.follow(request.query.get("follow") == "true"):
+                    if chunk:
+                        await response.write(chunk)
             return response
 
         app = web.Application()

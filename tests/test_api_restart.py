@@ -7,36 +7,27 @@ restarted by the test but the database."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import aiohttp
 import psycopg
 import pytest
 
-from gristmill.dev.postgres import EmbeddedPostgres
 from gristmill.store import logs
 from gristmill.store.migrate import migrate_url
 from tests import apikit
 from tests.apikit import api_process, apply_examples
+from tests.pgkit import embedded_postgres
 
 OUTAGE_S = 8.0  # longer than the API's 5 s of retries: some requests must get a 503
 
 
 @pytest.fixture
 def own_postgres():
-    base = Path(tempfile.mkdtemp(prefix="gristmill-restart-", dir="/tmp"))
-    server = EmbeddedPostgres(base, durable=False)
-    server.start()
-    try:
+    with embedded_postgres("restart") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 class Traffic:

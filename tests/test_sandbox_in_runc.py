@@ -31,6 +31,7 @@ import helm_python as helm
 import psycopg
 import pytest
 import yaml
+from pgkit import embedded_postgres
 from runc_pod import (
     IDS_PER_POD,
     Bind,
@@ -77,14 +78,8 @@ def runc_host():
 
 @pytest.fixture(scope="module")
 def postgres():
-    base = Path(tempfile.mkdtemp(prefix="gristmill-runc-pg-", dir="/tmp"))
-    server = EmbeddedPostgres(base, durable=False)
-    server.start()
-    try:
+    with embedded_postgres("runc-pg") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 class Database:

@@ -275,7 +275,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from gristmill.sandbox import process
     from gristmill.worker.loop import Worker, WorkerConfig, WorkerCrashed
 
-    url = _database_url(args)
+    server = args.server or os.environ.get("GRISTMILL_SERVER")
+    url = None if server else _database_url(args)
+    token = _worker_token(args) if server else None
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
     if not tags:
         raise UsageError("--tags needs at least one tag, e.g. --tags python,bash")
@@ -288,7 +290,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # serve, and says why at once (the executor starts a whole job to find out).
         process.check_sandbox_available()
         executor = process.ProcessExecutor(job_network=args.job_network)
-    config = WorkerConfig(database_url=url, tags=tags, concurrency=args.concurrency,
+    config = WorkerConfig(database_url=url, server=server, token=token,
+                          tags=tags, concurrency=args.concurrency,
                           lease=dt.timedelta(seconds=args.lease), grace_period=args.grace_period,
                           poll_interval=args.poll_interval, stall_after=args.stall_after,
                           health_port=args.health_port or None)
@@ -301,7 +304,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         secrets = ClusterSecrets()  # with the worker's ServiceAccount, at the first need
 
     async def main(stop: asyncio.Event) -> int:
-        if not await _migrate_when_reachable(url, stop):
+        if url and not await _migrate_when_reachable(url, stop):
             return 0
         try:
             await Worker(config, executor, secrets).run(stop)
@@ -311,6 +314,50 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 0
 
     return _run_until_signalled(main)
+
+
+def _worker_token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    else:
+        token = os.environ.get("GRISTMILL_WORKER_TOKEN", "").strip()
+    if not token:
+        raise UsageError("a worker of the dispatcher (--server) needs its WorkerGroup's token: "
+                         "--token-file or env GRISTMILL_WORKER_TOKEN (the Secret "
+                         "gristmill-worker-<group> holds it; `gristmill worker-token` makes "
+                         "one)")
+    return token
+
+
+def _worker_token_keys(args: argparse.Namespace) -> tuple[bytes, ...]:
+    """The API's (and `worker-token`'s) signing keys: --worker-token-keys-file or env."""
+    from gristmill.dispatch import tokens
+
+    path = getattr(args, "worker_token_keys_file", None)
+    text = Path(path).read_text() if path else os.environ.get("GRISTMILL_WORKER_TOKEN_KEYS", "")
+    if not text.strip():
+        return ()
+    try:
+        return tuple(tokens.parse_keys(text))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_worker_token(args: argparse.Namespace) -> int:
+    from gristmill.dispatch import tokens
+
+    if args.new_key:
+        print(tokens.new_key())
+        return 0
+    keys = _worker_token_keys(args)
+    if not keys:
+        raise UsageError("no signing key: set GRISTMILL_WORKER_TOKEN_KEYS or pass "
+                         "--worker-token-keys-file (`gristmill worker-token --new-key` makes one)")
+    if not (args.namespace and args.group and args.tags):
+        raise UsageError("give --namespace, --group and --tags")
+    tags = tuple(t.strip() for t in args.tags.split(",") if t.strip())
+    print(tokens.issue(keys[0], tokens.WorkerGrant(args.namespace, args.group, tags)))
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -385,6 +432,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     from gristmill.api.crosssite import SiteSettings
     from gristmill.api.reviewers import AccessMisconfigured
     from gristmill.api.server import serve
+    from gristmill.dispatch.hub import DispatchSettings
     from gristmill.housekeeping import run_housekeeping
 
     url = _database_url(args)
@@ -392,6 +440,8 @@ def cmd_api(args: argparse.Namespace) -> int:
                            database_retry_s=args.database_retry,
                            follow_fallback_s=args.follow_fallback_interval,
                            access=_access_settings(args),
+                           dispatch=DispatchSettings(token_keys=_worker_token_keys(args),
+                                                     lease=dt.timedelta(seconds=args.lease)),
                            site=SiteSettings(tuple(args.allowed_origin or ()),
                                              tuple(args.allowed_host or ())))
 
@@ -620,6 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run a worker (what a WorkerGroup's pods run)")
     db_args(p)
+    p.add_argument("--server", metavar="URL",
+                   help="get jobs from the API's dispatcher at URL instead of the database "
+                        "(env GRISTMILL_SERVER; what WorkerGroup pods do)")
+    p.add_argument("--token-file", help="with --server: the file holding the WorkerGroup's "
+                                        "worker token (default: env GRISTMILL_WORKER_TOKEN)")
     p.add_argument("--tags", default="python,bash", help="tags to serve (%(default)s)")
     p.add_argument("--concurrency", type=int, default=os.cpu_count() or 1)
     p.add_argument("--lease", type=float, default=30.0,
@@ -659,6 +714,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("api", help="serve the HTTP API")
     db_args(p)
+    p.add_argument("--worker-token-keys-file", metavar="PATH",
+                   help="the keys worker tokens are signed with (default: env "
+                        "GRISTMILL_WORKER_TOKEN_KEYS); without any, no worker may connect to "
+                        "the dispatcher")
+    p.add_argument("--lease", type=float, default=30.0,
+                   help="dispatcher: seconds without a connected worker before its jobs are "
+                        "re-queued (%(default)s)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--pool-size", type=int, default=8, help="database connections (%(default)s)")
@@ -689,6 +751,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "localhost; *.example.com for a whole domain (repeatable)")
     _retention_arg(p)
     p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("worker-token", help="make a worker token for `gristmill worker "
+                                            "--server` (the operator makes one per WorkerGroup)")
+    p.add_argument("--namespace", help="the WorkerGroup's namespace")
+    p.add_argument("--group", help="the WorkerGroup's name")
+    p.add_argument("--tags", help="the tags it may serve, comma-separated")
+    p.add_argument("--worker-token-keys-file", metavar="PATH",
+                   help="the signing keys (default: env GRISTMILL_WORKER_TOKEN_KEYS)")
+    p.add_argument("--new-key", action="store_true", help="print a new signing key instead")
+    p.set_defaults(func=cmd_worker_token)
 
     p = sub.add_parser("migrate", help="create or upgrade the database schema")
     db_args(p)

@@ -26,6 +26,7 @@ from gristmill.api.runs import RunError
 from gristmill.auth.authn import Authenticator, TokenCacheSettings
 from gristmill.auth.authz import AccessCacheSettings, Authorizer
 from gristmill.auth.permissions import Permission, roles_granting
+from gristmill.dispatch import tokens
 from gristmill.store import flows as flow_store
 
 log = logging.getLogger("gristmill.api")
@@ -96,7 +97,13 @@ class Metrics:
     kube-rbac-proxy and the kubelet ask of Prometheus."""
 
 
-Access = Open | Authenticated | InNamespace | OnRun | Listing | Metrics
+@dataclass(frozen=True)
+class WorkerToken:
+    """A WorkerGroup's worker token (dispatch/tokens.py), not a Kubernetes one: the
+    dispatcher's WebSocket."""
+
+
+Access = Open | Authenticated | InNamespace | OnRun | Listing | Metrics | WorkerToken
 
 READ_RUNS = "get"
 
@@ -169,6 +176,7 @@ class Gate:
     database: Callable[[], Database]
     routes: dict[tuple[str, str], Access]
     metrics_need_auth: bool = False
+    worker_keys: tuple[bytes, ...] = ()
 
     async def allows(self, caller: Caller, permission: Permission) -> bool:
         decision = await self.authorizer.decide(caller, permission)
@@ -214,6 +222,7 @@ class Gate:
 
 
 GATE = web.AppKey("gate", Gate)
+WORKER_GRANT = web.RequestKey("worker_grant", tokens.WorkerGrant)
 
 
 def _peer(request: web.Request) -> str:
@@ -231,6 +240,9 @@ async def access_middleware(request: web.Request,
     access = gate.routes[(route.method, route.resource.canonical)]
     if not gate.needs_credentials(access):
         return await handler(request)
+    if isinstance(access, WorkerToken):
+        request[WORKER_GRANT] = _worker_grant(gate, request)
+        return await handler(request)
     caller = await gate.authenticator.authenticate(_bearer_token(request))
     if caller is None:
         raise Unauthenticated(f"the bearer token was not accepted (expired, revoked, or "
@@ -239,6 +251,17 @@ async def access_middleware(request: web.Request,
     request[CALLER] = dataclasses.replace(caller, source=_peer(request))
     await gate.check(request, request[CALLER], access)
     return await handler(request)
+
+
+def _worker_grant(gate: Gate, request: web.Request) -> tokens.WorkerGrant:
+    if not gate.worker_keys:
+        raise Unauthenticated("this API takes no workers: it has no worker token keys "
+                              "(GRISTMILL_WORKER_TOKEN_KEYS, set by the chart); run workers "
+                              "with --database-url instead")
+    try:
+        return tokens.verify(gate.worker_keys, _bearer_token(request))
+    except tokens.TokenRejected as exc:
+        raise Unauthenticated(str(exc), invalid=True) from None
 
 
 async def authorize(request: web.Request, verb: str, resource: str, namespace: str = "",

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gristmill.api import idempotency, identity, listing, openapi, params, run_labels, runs
 from gristmill.api.access import (
     GATE,
+    WORKER_GRANT,
     Access,
     AccessSettings,
     Authenticated,
@@ -31,6 +32,7 @@ from gristmill.api.access import (
     Metrics,
     OnRun,
     Open,
+    WorkerToken,
     access_middleware,
 )
 from gristmill.api.crosssite import SiteSettings, add_security_headers, site_middleware
@@ -40,6 +42,7 @@ from gristmill.api.identity import caller_of
 from gristmill.api.log_follow import JobWatch, client_gone, stream_job_log
 from gristmill.api.reviewers import make_reviewers
 from gristmill.api.runs import RunError, SubmitRequest, get_run
+from gristmill.dispatch.hub import Dispatcher, DispatchSettings
 from gristmill.flows import engine as flow_engine
 from gristmill.metrics import observe_queue
 from gristmill.store import audit, logs, queue, run_listing
@@ -58,10 +61,12 @@ class ApiSettings:
     max_body_bytes: int = params.MAX_BODY_BYTES
     access: AccessSettings = field(default_factory=AccessSettings)
     site: SiteSettings = field(default_factory=SiteSettings)
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
 
 
 DATABASE = web.AppKey("database", Database)
 WATCH = web.AppKey("watch", JobWatch)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SETTINGS = web.AppKey("settings", ApiSettings)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -283,10 +288,14 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: the database answers and log notifications are heard."""
     problem = await _database(request).ping()
-    listening = request.app[WATCH].listening.is_set()
+    dispatcher = request.app[DISPATCHER]
+    listening = request.app[WATCH].listening.is_set() and (
+        not dispatcher.enabled or dispatcher.listening.is_set())
     body = {"status": "ok" if problem is None else "database unreachable",
             "database": problem or "ok",
             "notifications": "listening" if listening else "reconnecting"}
+    if dispatcher.enabled:
+        body["workers"] = len(dispatcher.sessions)
     if problem is not None:
         return web.json_response(body, status=503, headers={"Retry-After": "2"})
     return web.json_response(body)
@@ -295,6 +304,12 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     observe_queue(await _database(request).read(queue.queue_depth))
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def connect_worker(request: web.Request) -> web.StreamResponse:
+    """The dispatcher's WebSocket: a WorkerGroup's worker gets its jobs here."""
+    dispatcher = request.app[DISPATCHER]
+    return await dispatcher.serve(request, request[WORKER_GRANT])
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -318,6 +333,7 @@ ROUTES: list[tuple[str, str, Handler, Access]] = [
     ("POST", "/api/v1/runs/{id}/restart", restart_run, OnRun("update", "restart")),
     ("GET", "/api/v1/scripts", list_scripts, Listing("scripts")),
     ("GET", "/api/v1/flows", list_flows, Listing("flows")),
+    ("GET", "/api/v1/workers/connect", connect_worker, WorkerToken()),
     ("GET", "/api/v1/openapi.json", openapi_document, Authenticated()),
     ("GET", "/healthz", healthz, Open()),
     ("GET", "/readyz", readyz, Open()),
@@ -339,19 +355,31 @@ def create_app(settings: ApiSettings | str) -> web.Application:
         authenticator, authorizer, close_reviewers = make_reviewers(settings.access)
         app[GATE] = Gate(authenticator, authorizer, lambda: app[DATABASE],
                          {(method, path): access for method, path, _, access in ROUTES},
-                         settings.access.metrics_need_auth)
+                         settings.access.metrics_need_auth, settings.dispatch.token_keys)
         database = Database(settings.database_url, settings.pool_size,
                             settings.database_retry_s)
         watch = JobWatch(settings.database_url)
+        dispatcher = Dispatcher(settings.dispatch, settings.database_url)
         await database.open()
         watch.start()
-        app[DATABASE], app[WATCH] = database, watch
+        if dispatcher.enabled:
+            await dispatcher.start()
+        app[DATABASE], app[WATCH], app[DISPATCHER] = database, watch, dispatcher
         yield
+        if dispatcher.enabled:
+            await dispatcher.stop()
         await watch.stop()
         await database.close()
         close_reviewers()
 
     app.cleanup_ctx.append(resources)
+
+    async def close_worker_connections(app: web.Application) -> None:
+        # Before aiohttp waits for open requests: a worker's WebSocket never ends by itself.
+        if DISPATCHER in app:
+            await app[DISPATCHER].close_sessions()
+
+    app.on_shutdown.append(close_worker_connections)
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
     return app

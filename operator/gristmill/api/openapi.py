@@ -533,6 +533,14 @@ PATHS: dict[str, dict[str, Any]] = {
         "listFlows", "The Flows applied, with their current versions",
         {"200": _json("Flows", "Definitions")}, ["namespaceFilter"], ("400", "503"),
         permission=_LIST.format("flows"))},
+    "/api/v1/workers/connect": {"get": {
+        **_operation(
+            "connectWorker", "A WorkerGroup worker's WebSocket to the dispatcher (`gristmill "
+                             "worker --server`): claims, outcomes, logs, cancellations",
+            {"101": {"description": "Switching to the WebSocket protocol"}}, errors=("400",),
+            permission="a worker token of a WorkerGroup (the Secret gristmill-worker-<group> "
+                       "the operator writes), not a Kubernetes token"),
+        "security": [{"workerToken": []}]}},
     "/api/v1/openapi.json": {"get": _operation(
         "getOpenApiDocument", "This document",
         {"200": {"description": "OpenAPI 3.1",
@@ -571,5 +579,9 @@ def document() -> dict[str, Any]:
                            "type": "http", "scheme": "bearer",
                            "description": "A Kubernetes token (the kubeconfig's, or `kubectl "
                                           "create token`), checked with a TokenReview; under "
-                                          "`gristmill dev`, its local token"}}},
+                                          "`gristmill dev`, its local token"},
+                           "workerToken": {
+                               "type": "http", "scheme": "bearer",
+                               "description": "A WorkerGroup's worker token (gmw1....), "
+                                              "signed by the operator"}}},
     })

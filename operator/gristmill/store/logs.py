@@ -11,16 +11,22 @@ from gristmill.store import notifications, queries
 from gristmill.values import clean_text
 
 
-async def append(conn: psycopg.AsyncConnection, chunks: Sequence[tuple[uuid.UUID, str]]) -> None:
+async def append(conn: psycopg.AsyncConnection, chunks: Sequence[tuple[uuid.UUID, str]],
+                 worker_id: str | None = None) -> None:
     """Store chunks and, at the same commit, wake the followers of their jobs (one NOTIFY
-    on notifications.LOGS_CHANNEL per batch, whatever its size)."""
-    if chunks:
-        await conn.execute(
-            queries.APPEND_LOGS,
-            [[job_id for job_id, _ in chunks], [clean_text(text) for _, text in chunks],
-             notifications.LOGS_CHANNEL,
-             notifications.id_payloads(job_id for job_id, _ in chunks)],
-        )
+    on notifications.LOGS_CHANNEL per batch, whatever its size). With `worker_id`, only
+    the chunks of jobs that worker runs are stored."""
+    if not chunks:
+        return
+    ids = [job_id for job_id, _ in chunks]
+    texts = [clean_text(text) for _, text in chunks]
+    payloads = notifications.id_payloads(ids)
+    if worker_id is None:
+        await conn.execute(queries.APPEND_LOGS, [ids, texts, notifications.LOGS_CHANNEL,
+                                                 payloads])
+    else:
+        await conn.execute(queries.APPEND_LOGS_OF_WORKER,
+                           [ids, texts, worker_id, notifications.LOGS_CHANNEL, payloads])
 
 
 async def read(

@@ -72,6 +72,13 @@ SELECT id, namespace, kind, script_name, script_hash, tag, priority, input::text
 FROM gristmill_claim_jobs(%s, %s, %s)
 """
 
+CLAIM_FOR = """
+SELECT id, namespace, kind, script_name, script_hash, tag, priority, input::text AS input,
+       attempt, max_attempts, created_at, scheduled_for, started_at, flow_run_id, step_path,
+       retry_policy, timeout_s, worker_id
+FROM gristmill_claim_jobs_for(%s, %s, %s)
+"""
+
 # Seconds until the first queued job of these tags is due (negative: one is due now).
 NEXT_DUE = """
 SELECT extract(epoch FROM min(d.scheduled_for) - now())::float8
@@ -164,6 +171,15 @@ WHERE worker_id = %s AND status = 'running' AND id = ANY (%s)
 RETURNING id, tag
 """
 
+# A reconnecting worker's jobs except those it still runs (`<> ALL` of an empty array
+# is true: all of them).
+HAND_BACK_ALL_BUT = """
+UPDATE jobs SET status = 'queued', worker_id = NULL, started_at = NULL,
+                attempt = attempt - 1, scheduled_for = now()
+WHERE worker_id = %s AND status = 'running' AND id <> ALL (%s)
+RETURNING id, tag
+"""
+
 CANCEL_QUEUED = f"""
 WITH gone AS (DELETE FROM jobs WHERE id = ANY (%(ids)s) AND status = 'queued' RETURNING *)
 INSERT INTO job_history ({_HISTORY_COLUMNS})
@@ -222,6 +238,16 @@ SELECT EXISTS (SELECT 1 FROM beat) AS registered,
             ) AS cancel
 """
 
+# The same for every worker connected to one API replica, in one statement.
+HEARTBEAT_MANY = """
+WITH beat AS (UPDATE workers SET heartbeat_at = now() WHERE id = ANY (%(workers)s) RETURNING id),
+cancel AS (SELECT j.worker_id, j.id FROM jobs j
+           WHERE j.worker_id = ANY (%(workers)s) AND j.status = 'running' AND j.cancel_requested)
+SELECT ARRAY(SELECT id FROM beat) AS registered,
+       ARRAY(SELECT worker_id FROM cancel) AS cancel_workers,
+       ARRAY(SELECT id FROM cancel) AS cancel_jobs
+"""
+
 DEREGISTER_WORKER = "DELETE FROM workers WHERE id = %s"
 
 # Running jobs per worker host (in Kubernetes, the pod name), for pod-deletion-cost.
@@ -243,6 +269,20 @@ AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.worker_id = w.id)
 APPEND_LOGS = """
 WITH appended AS (
     INSERT INTO job_logs (job_id, chunk) SELECT * FROM unnest(%s::uuid[], %s::text[])
+)
+SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS t(payload)
+"""
+
+# The same for a worker that is not trusted with other workers' jobs (one connected to the
+# API): only the chunks of jobs it runs are stored.
+APPEND_LOGS_OF_WORKER = """
+WITH chunk AS (
+    SELECT * FROM unnest(%s::uuid[], %s::text[]) WITH ORDINALITY AS c(job_id, chunk, n)
+), appended AS (
+    INSERT INTO job_logs (job_id, chunk)
+    SELECT c.job_id, c.chunk FROM chunk c
+    JOIN jobs j ON j.id = c.job_id AND j.worker_id = %s AND j.status = 'running'
+    ORDER BY c.n
 )
 SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS t(payload)
 """

@@ -173,6 +173,20 @@ async def claim(
     return [_claimed(row) for row in await cur.fetchall()]
 
 
+async def claim_for(
+    conn: psycopg.AsyncConnection, grants: Sequence[tuple[str, int]], tags: Sequence[str]
+) -> dict[str, list[ClaimedJob]]:
+    """Lease due jobs of `tags` to several workers in one statement: up to `limit` to each
+    (worker id, limit) of `grants`, the first the first jobs; each job to one worker."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(queries.CLAIM_FOR, [[worker for worker, _ in grants],
+                                          [limit for _, limit in grants], list(tags)])
+    claimed: dict[str, list[ClaimedJob]] = {}
+    for row in await cur.fetchall():
+        claimed.setdefault(row["worker_id"], []).append(_claimed(row))
+    return claimed
+
+
 async def next_due(conn: psycopg.AsyncConnection, tags: Sequence[str]) -> float | None:
     """Seconds until the next queued job of `tags` is due (at most 0 if one is), or None
     when none is queued."""
@@ -222,6 +236,18 @@ async def hand_back(
     if not job_ids:
         return []
     cur = await conn.execute(queries.HAND_BACK, [worker_id, list(job_ids)])
+    rows = await cur.fetchall()
+    if rows:
+        await conn.execute(queries.NOTIFY_JOBS, [sorted({tag for _, tag in rows})])
+    return [job_id for job_id, _ in rows]
+
+
+async def hand_back_all_but(
+    conn: psycopg.AsyncConnection, worker_id: str, running: Sequence[uuid.UUID]
+) -> list[uuid.UUID]:
+    """Return the jobs leased to `worker_id` other than those it says it `running` (a
+    worker that reconnected after claimed jobs were lost on the way to it)."""
+    cur = await conn.execute(queries.HAND_BACK_ALL_BUT, [worker_id, list(running)])
     rows = await cur.fetchall()
     if rows:
         await conn.execute(queries.NOTIFY_JOBS, [sorted({tag for _, tag in rows})])

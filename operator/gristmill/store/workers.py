@@ -38,6 +38,22 @@ async def heartbeat(conn: psycopg.AsyncConnection, worker_id: str) -> Heartbeat:
     return Heartbeat(registered, frozenset(cancel))
 
 
+@dataclass(frozen=True)
+class FleetBeat:
+    registered: frozenset[str]  # the workers whose rows still exist
+    cancel: dict[str, list[uuid.UUID]]  # by worker: running jobs someone asked to cancel
+
+
+async def heartbeat_many(conn: psycopg.AsyncConnection, worker_ids: Sequence[str]) -> FleetBeat:
+    """Renew the leases of several workers at once (those connected to one API replica)."""
+    cur = await conn.execute(queries.HEARTBEAT_MANY, {"workers": list(worker_ids)})
+    registered, cancel_workers, cancel_jobs = await cur.fetchone()
+    cancel: dict[str, list[uuid.UUID]] = {}
+    for worker_id, job_id in zip(cancel_workers, cancel_jobs, strict=True):
+        cancel.setdefault(worker_id, []).append(job_id)
+    return FleetBeat(frozenset(registered), cancel)
+
+
 async def deregister(conn: psycopg.AsyncConnection, worker_id: str) -> None:
     await conn.execute(queries.DEREGISTER_WORKER, [worker_id])
 

@@ -113,6 +113,12 @@ CASES: dict[tuple[str, str], RouteCase] = {
     ("POST", "/api/v1/namespaces/{namespace}/flows/{name}/runs"): (
         lambda runs: f"/api/v1/namespaces/{NS}/flows/gated/runs", {},
         [("create", "flows/runs", NS, "gated")]),
+    ("POST", "/api/v1/namespaces/{namespace}/scripts/{name}/runs:batch"): (
+        lambda runs: f"/api/v1/namespaces/{NS}/scripts/hello/runs:batch",
+        {"runs": [LATER, LATER]}, [("create", "scripts/runs", NS, "hello")]),
+    ("POST", "/api/v1/namespaces/{namespace}/flows/{name}/runs:batch"): (
+        lambda runs: f"/api/v1/namespaces/{NS}/flows/gated/runs:batch", {"runs": [{}, {}]},
+        [("create", "flows/runs", NS, "gated")]),
     ("GET", "/api/v1/namespaces/{namespace}/runs"): (
         lambda runs: f"/api/v1/namespaces/{NS}/runs", None, [("list", "runs", NS, "")]),
     ("GET", "/api/v1/namespaces/{namespace}/audit"): (

@@ -124,6 +124,30 @@ def test_bad_input_is_refused_before_queueing(dev):
     assert "Traceback" not in wrong_type.stderr + typo.stderr + not_json.stderr + missing.stderr
 
 
+def test_run_batch_submits_a_file_of_runs_in_order(dev, tmp_path):
+    lines = tmp_path / "runs.jsonl"
+    later = "2999-01-01T00:00:00Z"  # no worker of the module's `gristmill dev` runs them
+    lines.write_text("\n".join(json.dumps({"input": {"name": f"b{i}"}, "scheduledFor": later})
+                               for i in range(1002)) + "\n")
+    done = gristmill("run", "script", "hello", "--batch", str(lines), "--label", "from=cli",
+                     "--priority", "-5", server=dev["server"])
+    assert done.returncode == 0, done.stderr
+    ids = done.stdout.split()
+    assert len(ids) == len(set(ids)) == 1002  # two requests: 1,000 and 2
+    shown = json.loads(gristmill("get", "run", ids[1001], "-o", "json",
+                                 server=dev["server"]).stdout)
+    assert shown["input"] == {"name": "b1001"} and shown["labels"] == {"from": "cli"}
+    assert shown["priority"] == -5
+    array = tmp_path / "runs.json"
+    array.write_text(json.dumps([{"input": {"name": "ok"}}, {"input": {"name": 3}}]))
+    refused = gristmill("run", "script", "hello", "--batch", str(array), server=dev["server"])
+    assert refused.returncode == 1 and "runs[1]: input does not match" in refused.stderr
+    assert refused.stdout == ""
+    both = gristmill("run", "script", "hello", "--batch", str(array), "--input", "{}",
+                     server=dev["server"])
+    assert both.returncode == 2 and "leave out --input" in both.stderr
+
+
 def test_bad_manifests_are_reported_and_nothing_of_them_applied(dev):
     bad = dev["manifests"] / "bad.yaml"
     bad.write_text(

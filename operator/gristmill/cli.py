@@ -85,8 +85,72 @@ def _report_failure(client: Client, run: dict[str, Any]) -> int:
     return 1
 
 
+BATCH_SIZE = 1000  # the API's most runs in one batch request
+
+
+def _read_batch(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """--batch FILE: a JSON array of run bodies, or JSON Lines (one body a line)."""
+    if args.input is not None or args.input_file is not None or args.wait:
+        raise UsageError("--batch takes each run's input from FILE: leave out --input, "
+                         "--input-file and --wait")
+    try:
+        text = Path(args.batch).read_text() if args.batch != "-" else sys.stdin.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read --batch {args.batch}: {exc.strerror}") from exc
+    try:
+        value = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--batch {args.batch} is neither a JSON array nor JSON Lines "
+                         f"({exc.msg} at line {exc.lineno}); write one run a line, such as "
+                         f"{{\"input\": {{\"name\": \"world\"}}}}") from exc
+    if not value or not all(isinstance(entry, dict) for entry in value):
+        raise UsageError(f"--batch {args.batch} must hold runs, each a JSON object such as "
+                         f"{{\"input\": {{\"name\": \"world\"}}, \"priority\": 5}}")
+    return value
+
+
+def _run_batch(args: argparse.Namespace, client: Client) -> int:
+    """Submit --batch FILE's runs, 1,000 a request (each request all or none); --priority
+    and --label apply to the runs that do not say their own."""
+    entries = _read_batch(args)
+    for entry in entries:
+        if args.priority is not None:
+            entry.setdefault("priority", args.priority)
+        if args.label:
+            entry["labels"] = {**_labels(args.label), **entry.get("labels", {})}
+    made: list[dict[str, Any]] = []
+    for start in range(0, len(entries), BATCH_SIZE):
+        try:
+            answer = client.submit(
+                f"{args.what}s", args.namespace, args.name,
+                {"runs": entries[start:start + BATCH_SIZE]}, retry_for=SUBMIT_RETRY_S,
+                on_retry=lambda note: print(f"gristmill: {note}", file=sys.stderr), batch=True)
+        except ApiError:
+            if made:  # the runs before this request were made: say which
+                end = min(start + BATCH_SIZE, len(entries))
+                print(f"gristmill: runs 1 to {len(made)} of {len(entries)} were submitted "
+                      f"(their ids follow); the request of runs {start + 1} to {end} made "
+                      f"none (its runs[N] is run {start + 1}+N)", file=sys.stderr)
+                _print_ids_or_json(args, made)
+            raise
+        made.extend(answer["runs"])
+    _print_ids_or_json(args, made)
+    return 0
+
+
+def _print_ids_or_json(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
+    if args.output == "json":
+        _print_json(runs)
+    else:
+        for run in runs:
+            print(run["id"])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.batch is not None:
+        return _run_batch(args, client)
     body: dict[str, Any] = {"input": _read_input(args)}
     if args.priority is not None:
         body["priority"] = args.priority
@@ -596,6 +660,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--priority", type=int)
         p.add_argument("--label", action="append", metavar="KEY=VALUE",
                        help="label the run (repeatable); `gristmill runs --label` finds it")
+        p.add_argument("--batch", metavar="FILE",
+                       help="submit many runs: FILE (- for stdin) holds a JSON array of run "
+                            "bodies or JSON Lines, one a line, such as {\"input\": {...}, "
+                            "\"priority\": 5, \"labels\": {...}}; sent 1,000 a request "
+                            "(each all or none); prints the run ids in order")
         p.add_argument("--wait", action="store_true", help="wait and print the result")
         p.add_argument("--timeout", type=float, help="with --wait: give up after SECONDS")
         p.add_argument("-o", "--output", choices=["json"], help="print the whole run as JSON")

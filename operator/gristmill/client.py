@@ -100,11 +100,13 @@ class Client:
 
     def submit(self, kind: str, namespace: str, name: str, body: dict[str, Any],
                retry_for: float = 0.0,
-               on_retry: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Start a run of a Script (kind "scripts") or Flow ("flows"). With `retry_for`,
-        the submit is sent with an Idempotency-Key and repeated with the same key while
-        the server cannot be reached or answers 503, so a retry never makes a second run."""
-        path = f"/api/v1/namespaces/{namespace}/{kind}/{name}/runs"
+               on_retry: Callable[[str], None] | None = None,
+               batch: bool = False) -> dict[str, Any]:
+        """Start a run of a Script (kind "scripts") or Flow ("flows"); `batch`: up to 1,000
+        runs at once (body {"runs": [...]}, all or none). With `retry_for`, the submit is
+        sent with an Idempotency-Key and repeated with the same key while the server
+        cannot be reached or answers 503, so a retry never makes a second run."""
+        path = f"/api/v1/namespaces/{namespace}/{kind}/{name}/runs" + (":batch" if batch else "")
         if retry_for <= 0:
             return self._json("POST", path, body)
         headers = {"Idempotency-Key": str(uuid.uuid4())}

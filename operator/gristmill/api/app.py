@@ -59,6 +59,7 @@ class ApiSettings:
     database_retry_s: float = 5.0  # how long a request rides out a database restart
     follow_fallback_s: float = 30.0  # a followed log is re-read this often without a wake-up
     max_body_bytes: int = params.MAX_BODY_BYTES
+    max_batch_body_bytes: int = params.MAX_BATCH_BODY_BYTES  # a batch of up to 1,000 runs
     access: AccessSettings = field(default_factory=AccessSettings)
     site: SiteSettings = field(default_factory=SiteSettings)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
@@ -68,6 +69,7 @@ DATABASE = web.AppKey("database", Database)
 WATCH = web.AppKey("watch", JobWatch)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SETTINGS = web.AppKey("settings", ApiSettings)
+VERSIONS = web.AppKey("versions", runs.CurrentVersions)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -88,6 +90,9 @@ async def _audit(request: web.Request, conn: psycopg.AsyncConnection, action: Au
 
 # --- submits -------------------------------------------------------------------------------
 
+MAX_BATCH_RUNS = 1000
+
+
 def _submit_request(body: dict[str, Any], scheduled: bool) -> SubmitRequest:
     allowed = {"input", "priority", "labels"} | ({"scheduledFor"} if scheduled else set())
     params.check_fields(body, allowed)
@@ -103,38 +108,79 @@ def _submit_request(body: dict[str, Any], scheduled: bool) -> SubmitRequest:
                          scheduled_for=params.scheduled_for(body) if scheduled else None)
 
 
-def _submitter(kind: str, submit) -> Handler:
+def _batch_requests(body: dict[str, Any], scheduled: bool) -> list[SubmitRequest]:
+    """The entries of a batch, each checked as a single submit's body; the first one at
+    fault refuses the batch, named by its index (runs[7])."""
+    params.check_fields(body, {"runs"})
+    entries = body.get("runs")
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_BATCH_RUNS:
+        got = f"{len(entries)} entries" if isinstance(entries, list) else "no list"
+        raise RunError(400, f"runs must be a list of 1 to {MAX_BATCH_RUNS} runs, such as "
+                            f"{{\"runs\": [{{\"input\": {{}}}}]}} (got {got}); send more "
+                            f"runs in several batches")
+    requests = []
+    for index, entry in enumerate(entries):
+        where = f"runs[{index}]"
+        if not isinstance(entry, dict):
+            raise RunError(400, f"{where}: each run must be a JSON object such as "
+                                f"{{\"input\": {{}}}}")
+        try:
+            requests.append(_submit_request(entry, scheduled))
+        except RunError as exc:
+            raise RunError(exc.status, f"{where}: {exc.message}") from None
+        except ValueProblem as exc:
+            raise ValueProblem(f"{where}.{exc.where}", exc.reason) from None
+    return requests
+
+
+def _submitter(kind: str, submit, batch: bool = False) -> Handler:
+    """The handler of a submit (`batch`: of a list of runs, all made in one transaction,
+    or none). One audit row per run, in the runs' own transaction."""
     async def handler(request: web.Request) -> web.Response:
         namespace, name = params.name(request, "namespace"), params.name(request, "name")
         key = idempotency.key_of(request)
-        body = await params.json_body(request)
-        submit_request = dataclasses.replace(_submit_request(body, scheduled=kind == "scripts"),
-                                             submitted_by=caller_of(request).username)
-        route = f"{kind}/{name}/runs"
+        settings = request.app[SETTINGS]
+        body = await params.json_body(
+            request, settings.max_batch_body_bytes if batch else settings.max_body_bytes)
+        caller = caller_of(request)
+        scheduled = kind == "scripts"
+        submit_requests = [dataclasses.replace(r, submitted_by=caller.username) for r in (
+            _batch_requests(body, scheduled) if batch else [_submit_request(body, scheduled)])]
+        route = f"{kind}/{name}/runs" + (":batch" if batch else "")
+        run_kind = "script" if kind == "scripts" else "flow"
+        detail: dict[str, Any] = {"kind": run_kind}
+        if batch:
+            detail["batch"] = len(submit_requests)
 
         async def work(conn: psycopg.AsyncConnection) -> idempotency.Answer:
-            async def make_run() -> dict[str, Any]:
-                run = await submit(conn, namespace, name, submit_request)
+            async def record(run_ids: list[uuid.UUID]) -> None:
                 # Here, not around submit_once: a replayed key makes no run and no row.
-                await audit.record(conn, identity.caller_of(request), AuditAction.SUBMIT,
-                                   namespace, uuid.UUID(run["id"]), name,
-                                   {"kind": run["kind"]})
-                return run
+                await audit.record_many(conn, caller, AuditAction.SUBMIT, namespace,
+                                        run_ids, name, [detail] * len(run_ids))
+
+            async def make_runs() -> dict[str, Any]:
+                made = await submit(conn, namespace, name, submit_requests,
+                                    request.app[VERSIONS], record, batch=batch)
+                return {"runs": made} if batch else made[0]
             if key is None:
-                return idempotency.Answer(201, await make_run())
+                return idempotency.Answer(201, await make_runs())
             return await idempotency.submit_once(conn, namespace, route, key,
-                                                 idempotency.fingerprint(body), make_run)
+                                                 idempotency.fingerprint(body), make_runs)
 
         # With a key, a submit whose COMMIT was cut off is safe to repeat: the repeat
-        # finds the key if the first one was committed.
-        answer = await _database(request).write(work, repeatable_commit=key is not None)
+        # finds the key if the first one was committed. Pipelined: BEGIN, the audit rows,
+        # the insert (with its NOTIFY) and COMMIT take two round trips.
+        answer = await _database(request).write(work, repeatable_commit=key is not None,
+                                                pipeline=True)
         headers = {idempotency.REPLAYED_HEADER: "true"} if answer.replayed else None
         return web.json_response(answer.body, status=answer.status, headers=headers)
     return handler
 
 
-submit_script = _submitter("scripts", runs.submit_script_run)
-submit_flow = _submitter("flows", runs.submit_flow_run)
+submit_script = _submitter("scripts", runs.submit_script_runs)
+submit_flow = _submitter("flows", runs.submit_flow_runs)
+submit_script_batch = _submitter("scripts", runs.submit_script_runs, batch=True)
+submit_flow_batch = _submitter("flows", runs.submit_flow_runs, batch=True)
 
 
 # --- runs ----------------------------------------------------------------------------------
@@ -323,6 +369,10 @@ ROUTES: list[tuple[str, str, Handler, Access]] = [
      InNamespace("create", "scripts", "runs")),
     ("POST", "/api/v1/namespaces/{namespace}/flows/{name}/runs", submit_flow,
      InNamespace("create", "flows", "runs")),
+    ("POST", "/api/v1/namespaces/{namespace}/scripts/{name}/runs:batch", submit_script_batch,
+     InNamespace("create", "scripts", "runs")),
+    ("POST", "/api/v1/namespaces/{namespace}/flows/{name}/runs:batch", submit_flow_batch,
+     InNamespace("create", "flows", "runs")),
     ("GET", "/api/v1/namespaces/{namespace}/runs", list_runs, InNamespace("list", "runs")),
     ("GET", "/api/v1/namespaces/{namespace}/audit", list_audit, InNamespace("list", "audit")),
     ("GET", "/api/v1/runs/{id}", show_run, OnRun("get")),
@@ -344,10 +394,13 @@ ROUTES: list[tuple[str, str, Handler, Access]] = [
 def create_app(settings: ApiSettings | str) -> web.Application:
     if isinstance(settings, str):
         settings = ApiSettings(database_url=settings)
-    app = web.Application(middlewares=[errors_middleware(settings.max_body_bytes),
+    app = web.Application(middlewares=[errors_middleware(max(
+        settings.max_body_bytes, settings.max_batch_body_bytes)),
                                        site_middleware(settings.site), access_middleware],
-                          client_max_size=settings.max_body_bytes)
+                          client_max_size=max(settings.max_body_bytes,
+                                              settings.max_batch_body_bytes))
     app[SETTINGS] = settings
+    app[VERSIONS] = runs.CurrentVersions()
     app.on_response_prepare.append(add_security_headers)
 
     async def resources(app: web.Application):

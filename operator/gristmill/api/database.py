@@ -16,6 +16,7 @@ been applied; it is retried only when the caller says the work is safe to repeat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -72,14 +73,23 @@ class Database:
         """Run `work` on a pooled autocommit connection, retried across transient errors."""
         return await self._run(work, transaction=False, repeatable_commit=True)
 
-    async def write(self, work: Work[T], repeatable_commit: bool = False) -> T:
+    async def write(self, work: Work[T], repeatable_commit: bool = False,
+                    pipeline: bool = False) -> T:
         """Run `work` in one transaction, retried across transient errors. If the
         connection breaks during COMMIT the work is repeated only when
         `repeatable_commit` (it is idempotent); otherwise the caller gets a 503 that says
-        the change may have been applied."""
-        return await self._run(work, transaction=True, repeatable_commit=repeatable_commit)
+        the change may have been applied.
 
-    async def _run(self, work: Work[T], transaction: bool, repeatable_commit: bool) -> T:
+        `pipeline`: in psycopg's pipeline mode, so BEGIN, the statements `work` sends
+        without reading their results, and COMMIT travel together: a round trip per
+        result `work` waits for, plus one for the COMMIT. `work` must read the result of
+        at least one statement (a connection that went stale is then found out before
+        the COMMIT is sent, and the work is safely retried)."""
+        return await self._run(work, transaction=True, repeatable_commit=repeatable_commit,
+                               pipeline=pipeline)
+
+    async def _run(self, work: Work[T], transaction: bool, repeatable_commit: bool,
+                   pipeline: bool = False) -> T:
         deadline = time.monotonic() + self.retry_for
         delay = 0.0
         while True:
@@ -90,6 +100,20 @@ class Database:
                 async with self.pool.connection(timeout=wait) as conn:
                     if not transaction:
                         return await work(conn)
+                    if pipeline:
+                        # Not conn.transaction(): in a pipeline it waits for BEGIN and
+                        # COMMIT each (4 round trips for nothing); the pool's connections
+                        # are autocommit, so BEGIN/COMMIT by hand.
+                        try:
+                            async with conn.pipeline():
+                                await conn.execute("BEGIN")
+                                result = await work(conn)
+                                committing = True
+                                await conn.execute("COMMIT")
+                        except BaseException:
+                            await _roll_back(conn)
+                            raise
+                        return result
                     async with conn.transaction():
                         result = await work(conn)
                         committing = True
@@ -120,6 +144,16 @@ class Database:
         except (psycopg.Error, PoolTimeout) as exc:
             return _describe(exc)
         return None
+
+
+async def _roll_back(conn: psycopg.AsyncConnection) -> None:
+    """End the transaction a failed pipelined unit of work left open (the pool would,
+    with a warning); a connection that broke is the pool's to discard."""
+    if conn.broken or conn.closed:
+        return
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        with contextlib.suppress(psycopg.Error):  # the pool checks it when it comes back
+            await conn.execute("ROLLBACK")
 
 
 def _describe(exc: BaseException) -> str:

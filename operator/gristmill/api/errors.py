@@ -31,7 +31,7 @@ def error_response(status: int, message: str, field: str | None = None,
 _HTTP_MESSAGES = {
     404: "no such endpoint: the API's routes are listed in /api/v1/openapi.json",
     405: "method not allowed on this path (allowed: {allow})",
-    413: "the request body is larger than {limit} bytes: send less (inputs up to 1 MiB)",
+    413: "the request body is larger than {limit} bytes: send less",
 }
 
 

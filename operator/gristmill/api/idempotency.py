@@ -59,10 +59,10 @@ async def submit_once(conn: psycopg.AsyncConnection, namespace: str, route: str,
                       body_fingerprint: str,
                       submit: Callable[[], Awaitable[dict[str, Any]]]) -> Answer:
     """Run `submit` unless this key already has a response; in the caller's transaction."""
-    if not await keys.lock(conn, namespace, route, key):
+    locked, stored = await keys.lock_and_find(conn, namespace, route, key)
+    if not locked:
         raise RunError(409, f"a request with this {HEADER} is still being served: repeat it "
                             f"in a moment to get its response", headers={"Retry-After": "1"})
-    stored = await keys.find(conn, namespace, route, key)
     if stored is not None:
         if stored.fingerprint != body_fingerprint:
             raise RunError(422, f"this {HEADER} was used for a different request body in the "

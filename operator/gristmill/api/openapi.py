@@ -82,6 +82,31 @@ SCHEMAS: dict[str, Any] = {
         },
         "additionalProperties": False,
     },
+    "ScriptRunBatchRequest": {
+        "type": "object",
+        "properties": {"runs": {"type": "array", "minItems": 1, "maxItems": 1000,
+                                "items": {"$ref": "#/components/schemas/ScriptRunRequest"},
+                                "description": "Each checked as a single submit's body; one "
+                                               "at fault refuses them all (the message "
+                                               "names it: runs[7])"}},
+        "required": ["runs"],
+        "additionalProperties": False,
+    },
+    "FlowRunBatchRequest": {
+        "type": "object",
+        "properties": {"runs": {"type": "array", "minItems": 1, "maxItems": 1000,
+                                "items": {"$ref": "#/components/schemas/FlowRunRequest"}}},
+        "required": ["runs"],
+        "additionalProperties": False,
+    },
+    "SubmittedRuns": {
+        "type": "object",
+        "properties": {"runs": {"type": "array",
+                                "items": {"$ref": "#/components/schemas/SubmittedRun"},
+                                "description": "In the order of the request's runs"}},
+        "required": ["runs"],
+        "additionalProperties": False,
+    },
     "SubmittedRun": {
         "type": "object",
         "properties": {
@@ -367,7 +392,7 @@ _ERRORS = {
            "can-i` asks it), or the request came from another site",
     "404": "No such run, Script or Flow",
     "409": "The request conflicts with the run's state",
-    "413": "The request body is over 1 MiB",
+    "413": "The request body is over 1 MiB (a batch: over 4 MiB)",
     "415": "The request body is not JSON in UTF-8",
     "422": "The Idempotency-Key was used with a different body",
     "500": "A bug: logged by the API with its traceback and a reference",
@@ -456,6 +481,17 @@ _WRITE_ERRORS = ("400", "404", "409", "413", "415", "503")
 _SUBMIT_ERRORS = ("400", "404", "409", "413", "415", "422", "503")
 
 
+def _submitted_batch() -> dict[str, Any]:
+    return {"201": {
+        **_json("The runs, queued, in order (or the first response again, for a repeated "
+                "Idempotency-Key)", "SubmittedRuns"),
+        "headers": {idempotency.REPLAYED_HEADER: {
+            "schema": {"const": "true"},
+            "description": "Present when this is the stored response to an earlier request "
+                           "with the same Idempotency-Key"}},
+    }}
+
+
 def _submitted(links: dict[str, Any]) -> dict[str, Any]:
     return {"201": {
         **_json("The run, queued (or the first response again, for a repeated "
@@ -484,6 +520,20 @@ PATHS: dict[str, dict[str, Any]] = {
         "submitFlowRun", "Start a run of a Flow", _submitted(_FLOW_RUN_LINKS),
         ["namespace", "flowName", "idempotencyKey"], _SUBMIT_ERRORS,
         _body("FlowRunRequest", False, {"input": {"batch": "b-42", "count": 2}}),
+        permission="create on flows/runs (name: the Flow) in the namespace")},
+    "/api/v1/namespaces/{namespace}/scripts/{name}/runs:batch": {"post": _operation(
+        "submitScriptRunBatch", "Start 1 to 1,000 runs of a Script in one transaction: all "
+                                "of them, or none", _submitted_batch(),
+        ["namespace", "scriptName", "idempotencyKey"], _SUBMIT_ERRORS,
+        _body("ScriptRunBatchRequest", True,
+              {"runs": [{"input": {"name": "a"}}, {"input": {"name": "b"}, "priority": 5}]}),
+        permission="create on scripts/runs (name: the Script) in the namespace")},
+    "/api/v1/namespaces/{namespace}/flows/{name}/runs:batch": {"post": _operation(
+        "submitFlowRunBatch", "Start 1 to 1,000 runs of a Flow in one transaction: all of "
+                              "them, or none", _submitted_batch(),
+        ["namespace", "flowName", "idempotencyKey"], _SUBMIT_ERRORS,
+        _body("FlowRunBatchRequest", True,
+              {"runs": [{"input": {"batch": "b-42", "count": 2}}]}),
         permission="create on flows/runs (name: the Flow) in the namespace")},
     "/api/v1/namespaces/{namespace}/runs": {"get": _listing_operation(
         "listRuns", "A namespace's runs (Script runs and top-level Flow runs), newest first, "

@@ -16,6 +16,7 @@ from gristmill.spec.meta import ObjectMeta
 from gristmill.values import ValueProblem, check_time, loads, text_problem
 
 MAX_BODY_BYTES = 1024 * 1024
+MAX_BATCH_BODY_BYTES = 4 * MAX_BODY_BYTES  # 1,000 runs of about 4 KiB each
 MAX_SEQ = 2**63 - 1  # log sequence numbers are bigint
 _BODY = "request body"
 
@@ -50,12 +51,23 @@ def _check_media_type(request: web.Request) -> None:
                             f"UTF-8 (Content-Type: application/json; charset=utf-8)")
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object ({} when there is no body), every value checked."""
+def too_large(limit: int) -> RunError:
+    return RunError(413, f"the request body is larger than {limit} bytes: send less (a "
+                         f"submit's input up to {MAX_BODY_BYTES // 1024} KiB, a batch's runs "
+                         f"up to {MAX_BATCH_BODY_BYTES // 1024} KiB in all)")
+
+
+async def json_body(request: web.Request, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The request's JSON object ({} when there is no body), every value checked; a 413
+    past `max_bytes` (the route's limit; the app's client_max_size is the largest)."""
     if not request.body_exists:
         return {}
     _check_media_type(request)
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise too_large(max_bytes)
     raw = await request.read()  # 413 past the app's client_max_size
+    if len(raw) > max_bytes:
+        raise too_large(max_bytes)
     if not raw.strip():
         return {}
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,38 +41,141 @@ class SubmitRequest:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-async def submit_script_run(conn: psycopg.AsyncConnection, namespace: str, name: str,
-                            request: SubmitRequest) -> dict[str, Any]:
+class CurrentVersions:
+    """The version each Script was last seen at, in this process: a guess that saves
+    reading the Script on every submit, never trusted. The enqueue that uses it inserts
+    only while it is still the Script's current version, checked in its own statement
+    (queue.enqueue(only_current_versions=True)), so a submit after an apply never queues
+    the replaced version."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._hashes: dict[tuple[str, str], str] = {}
+
+    def get(self, namespace: str, name: str) -> str | None:
+        return self._hashes.get((namespace, name))
+
+    def remember(self, namespace: str, name: str, version: str) -> None:
+        if len(self._hashes) >= self.size and (namespace, name) not in self._hashes:
+            self._hashes.pop(next(iter(self._hashes)))  # the oldest remembered
+        self._hashes[(namespace, name)] = version
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._hashes.pop((namespace, name), None)
+
+
+RecordRuns = Callable[[list[uuid.UUID]], Awaitable[None]]
+
+
+async def _current_script(conn: psycopg.AsyncConnection, namespace: str, name: str,
+                          versions: CurrentVersions | None) -> catalog.ScriptVersion:
     found = await script_store.get(conn, namespace, name)
     if found is None:
+        if versions is not None:
+            versions.forget(namespace, name)
         raise RunError(404, f"Script {namespace}/{name} not found: apply its manifest "
                             f"(gristmill dev loads it from the paths you give it)")
     script = catalog.script_version(*found)
-    try:
-        check_input(script.input_schema, request.input)
-    except InputError as exc:
-        raise RunError(400, f"input does not match Script {namespace}/{name}: {exc}") from exc
+    if versions is not None:
+        versions.remember(namespace, name, script.version)
+    return script
+
+
+def _script_jobs(namespace: str, name: str, script: catalog.ScriptVersion,
+                 requests: Sequence[SubmitRequest], ids: Sequence[uuid.UUID] | None,
+                 batch: bool) -> list[queue.NewJob]:
     limit = script.spec.concurrencyLimit
-    job = queue.NewJob(
-        namespace=namespace, tag=script.spec.effective_tag, kind="script", input=request.input,
-        script_name=name, script_hash=script.version,
-        priority=script.spec.priority if request.priority is None else request.priority,
-        max_attempts=script.spec.retries + 1, scheduled_for=request.scheduled_for,
-        concurrency_key=f"script:{namespace}/{name}" if limit else None,
-        concurrency_limit=limit, labels=request.labels,
-    )
-    async with conn.transaction():
-        await queue.enqueue(conn, [job])
-    return {"id": str(job.id), "kind": "script", "status": "queued"}
+    jobs = []
+    for index, request in enumerate(requests):
+        try:
+            check_input(script.input_schema, request.input)
+        except InputError as exc:
+            where = f"runs[{index}]: " if batch else ""
+            raise RunError(400, f"{where}input does not match Script {namespace}/{name}: "
+                                f"{exc}") from exc
+        jobs.append(queue.NewJob(
+            namespace=namespace, tag=script.spec.effective_tag, kind="script",
+            input=request.input, script_name=name, script_hash=script.version,
+            priority=script.spec.priority if request.priority is None else request.priority,
+            max_attempts=script.spec.retries + 1, scheduled_for=request.scheduled_for,
+            concurrency_key=f"script:{namespace}/{name}" if limit else None,
+            concurrency_limit=limit, labels=request.labels,
+            **({"id": ids[index]} if ids else {}),
+        ))
+    return jobs
+
+
+async def submit_script_runs(conn: psycopg.AsyncConnection, namespace: str, name: str,
+                             requests: Sequence[SubmitRequest],
+                             versions: CurrentVersions | None = None,
+                             record: RecordRuns | None = None, batch: bool = False
+                             ) -> list[dict[str, Any]]:
+    """Queue runs of a Script, in the caller's transaction: every input is checked first,
+    then one statement inserts them all (and wakes the workers).
+
+    `record(ids)` (the audit rows) is called before the insert, so that in a pipeline
+    (Database.write(pipeline=True)) its statements travel with the insert. `batch`: name
+    the entry at fault in an error (runs[7]: ...)."""
+    remembered = versions.get(namespace, name) if versions is not None else None
+    script = catalog.cached_script_version(remembered) if remembered else None
+    jobs = None
+    if script is not None:
+        try:
+            jobs = _script_jobs(namespace, name, script, requests, None, batch)
+        except RunError:
+            remembered = None  # the current version may take what the remembered one refuses
+    if jobs is None:
+        script = await _current_script(conn, namespace, name, versions)
+        remembered = None
+        jobs = _script_jobs(namespace, name, script, requests, None, batch)
+    if record is not None:
+        await record([job.id for job in jobs])
+    try:
+        # A remembered version is checked in the insert itself; one just read is the
+        # current one already (as current as a read before the insert can be).
+        await queue.enqueue(conn, jobs, only_current_versions=remembered is not None)
+    except queue.VersionMoved:
+        # Applied (or deleted) since: read it, check the inputs again, queue the same ids.
+        script = await _current_script(conn, namespace, name, versions)
+        jobs = _script_jobs(namespace, name, script, requests, [j.id for j in jobs], batch)
+        await queue.enqueue(conn, jobs)
+    return [{"id": str(job.id), "kind": "script", "status": "queued"} for job in jobs]
+
+
+async def submit_script_run(conn: psycopg.AsyncConnection, namespace: str, name: str,
+                            request: SubmitRequest, versions: CurrentVersions | None = None,
+                            record: RecordRuns | None = None) -> dict[str, Any]:
+    (run,) = await submit_script_runs(conn, namespace, name, [request], versions, record)
+    return run
+
+
+async def submit_flow_runs(conn: psycopg.AsyncConnection, namespace: str, name: str,
+                           requests: Sequence[SubmitRequest],
+                           versions: CurrentVersions | None = None,
+                           record: RecordRuns | None = None, batch: bool = False
+                           ) -> list[dict[str, Any]]:
+    """Start runs of a Flow, in the caller's transaction; `record(ids)` after them."""
+    made = []
+    for index, request in enumerate(requests):
+        try:
+            run = await flow_engine.submit_flow_run(conn, namespace, name, request.input,
+                                                    request.priority, request.submitted_by,
+                                                    request.labels)
+        except flow_engine.FlowError as exc:
+            if not batch or exc.status == 404:
+                raise
+            raise RunError(exc.status, f"runs[{index}]: {exc.message}") from exc
+        made.append(run)
+    if record is not None:
+        await record([run.id for run in made])
+    return [{"id": str(run.id), "kind": "flow", "status": run.status} for run in made]
 
 
 async def submit_flow_run(conn: psycopg.AsyncConnection, namespace: str, name: str,
-                          request: SubmitRequest) -> dict[str, Any]:
-    async with conn.transaction():
-        run = await flow_engine.submit_flow_run(conn, namespace, name, request.input,
-                                                request.priority, request.submitted_by,
-                                                request.labels)
-    return {"id": str(run.id), "kind": "flow", "status": run.status}
+                          request: SubmitRequest, versions: CurrentVersions | None = None,
+                          record: RecordRuns | None = None) -> dict[str, Any]:
+    (run,) = await submit_flow_runs(conn, namespace, name, [request], versions, record)
+    return run
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -32,6 +32,11 @@ def script_version(version: str, stored_spec: dict[str, Any]) -> ScriptVersion:
     return _scripts[version]
 
 
+def cached_script_version(version: str) -> ScriptVersion | None:
+    """A version this process has already read, or None (versions never change)."""
+    return _scripts.get(version)
+
+
 async def load_script_version(conn: psycopg.AsyncConnection, version: str) -> ScriptVersion:
     if version not in _scripts:
         stored = await script_store.get_versions(conn, [version])

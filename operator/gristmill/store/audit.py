@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,6 +78,16 @@ async def record(conn: psycopg.AsyncConnection, actor: Actor, action: AuditActio
     await conn.execute(queries.RECORD_AUDIT, [
         namespace, actor.username, actor.uid, list(actor.groups), str(action), run_id, target,
         actor.source, Jsonb(dict(detail or {}))])
+
+
+async def record_many(conn: psycopg.AsyncConnection, actor: Actor, action: AuditAction,
+                      namespace: str, run_ids: Sequence[uuid.UUID], target: str | None,
+                      details: Sequence[Mapping[str, Any]]) -> None:
+    """The rows of one change to many runs (one per run, so each run's trail has its own),
+    in one statement; inside the change's own transaction."""
+    await conn.execute(queries.RECORD_AUDIT_MANY, [
+        namespace, actor.username, actor.uid, list(actor.groups), str(action), target,
+        actor.source, list(run_ids), [Jsonb(dict(d)) for d in details]])
 
 
 _BOUNDS = {"since": queries.LIST_AUDIT_WHERE_SINCE, "until": queries.LIST_AUDIT_WHERE_UNTIL,

@@ -42,6 +42,20 @@ async def find(conn: psycopg.AsyncConnection, namespace: str, route: str, key: s
     return StoredResponse(fingerprint=row[0], status=row[1], body=row[2]) if row else None
 
 
+async def lock_and_find(conn: psycopg.AsyncConnection, namespace: str, route: str, key: str
+                        ) -> tuple[bool, StoredResponse | None]:
+    """`lock`, then `find`: two statements (the second's snapshot is taken after the lock,
+    so it sees what the key's last holder committed), sent together in a pipeline (one
+    round trip). The stored response means nothing when the lock was not taken."""
+    locked = await conn.execute(queries.LOCK_IDEMPOTENCY_KEY, [namespace, route, key])
+    found = await conn.execute(queries.GET_IDEMPOTENCY_KEY,
+                               [namespace, route, key, KEY_LIFETIME])
+    (took,) = await locked.fetchone()
+    row = await found.fetchone()
+    stored = StoredResponse(fingerprint=row[0], status=row[1], body=row[2]) if row else None
+    return took, stored
+
+
 async def record(conn: psycopg.AsyncConnection, namespace: str, route: str, key: str,
                  response: StoredResponse) -> None:
     await conn.execute(queries.PUT_IDEMPOTENCY_KEY, [

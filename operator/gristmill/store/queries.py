@@ -53,15 +53,33 @@ ORDER BY s.namespace, s.name
 
 # --- the queue ---------------------------------------------------------------
 
+# One statement: the insert, and one NOTIFY per tag of the rows it inserted (delivered at
+# commit). {guard} is empty, or ENQUEUE_ONLY_CURRENT: then a Script job is inserted only
+# while the version it pins is its Script's current one (in this statement's snapshot), so
+# a caller that checked the input against a version it remembered never queues a version
+# an apply has replaced. Answers the number of rows inserted.
 ENQUEUE = """
-INSERT INTO jobs (id, namespace, kind, script_name, script_hash, tag, priority, input,
-                  scheduled_for, max_attempts, concurrency_key, concurrency_limit,
-                  flow_run_id, step_path, retry_policy, timeout_s, labels)
-SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-                     %s::smallint[], %s::jsonb[], %s::timestamptz[], %s::int[], %s::text[],
-                     %s::int[], %s::uuid[], %s::text[], %s::jsonb[], %s::float8[],
-                     %s::jsonb[])
+WITH inserted AS (
+    INSERT INTO jobs (id, namespace, kind, script_name, script_hash, tag, priority, input,
+                      scheduled_for, max_attempts, concurrency_key, concurrency_limit,
+                      flow_run_id, step_path, retry_policy, timeout_s, labels)
+    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
+                         %s::text[], %s::smallint[], %s::jsonb[], %s::timestamptz[],
+                         %s::int[], %s::text[], %s::int[], %s::uuid[], %s::text[],
+                         %s::jsonb[], %s::float8[], %s::jsonb[])
+        AS u (id, namespace, kind, script_name, script_hash, tag, priority, input,
+              scheduled_for, max_attempts, concurrency_key, concurrency_limit, flow_run_id,
+              step_path, retry_policy, timeout_s, labels){guard}
+    RETURNING tag
+), woken AS (
+    SELECT pg_notify('gristmill_jobs', tag) FROM (SELECT DISTINCT tag FROM inserted) t
+)
+SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM woken)
 """
+
+ENQUEUE_ONLY_CURRENT = """
+    WHERE EXISTS (SELECT 1 FROM scripts s WHERE s.namespace = u.namespace
+                  AND s.name = u.script_name AND s.hash = u.script_hash)"""
 
 # The input comes back as text, parsed per job: a value Python cannot load fails that job,
 # never the claim of every job beside it.
@@ -550,6 +568,13 @@ LIST_RUNS_FINISHED_SINCE = "\n      AND r.finished_at >= %(since)s"
 RECORD_AUDIT = """
 INSERT INTO audit (namespace, username, uid, groups, action, run_id, target, source, detail)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+
+# The rows of one change to many runs (a batch submit): one statement.
+RECORD_AUDIT_MANY = """
+INSERT INTO audit (namespace, username, uid, groups, action, run_id, target, source, detail)
+SELECT %s, %s, %s, %s, %s, r.run_id, %s, %s, r.detail
+FROM unnest(%s::uuid[], %s::jsonb[]) AS r (run_id, detail)
 """
 
 # {conditions}: only the LIST_AUDIT_WHERE_* fragments, as for the run listing.

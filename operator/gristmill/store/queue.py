@@ -132,14 +132,28 @@ async def listen(conn: psycopg.AsyncConnection) -> None:
     await conn.execute(queries.LISTEN_CANCEL)
 
 
-async def enqueue(conn: psycopg.AsyncConnection, jobs: Sequence[NewJob]) -> list[uuid.UUID]:
-    """Insert jobs in one statement and wake the workers of their tags at commit (those of
-    delayed jobs too: they learn when to claim next)."""
+class VersionMoved(Exception):
+    """enqueue(only_current_versions=True) inserted nothing: a Script's current version is
+    no longer the one its jobs pin (an apply moved it, or the Script was deleted)."""
+
+
+_ENQUEUE = {False: queries.ENQUEUE.format(guard=""),
+            True: queries.ENQUEUE.format(guard=queries.ENQUEUE_ONLY_CURRENT)}
+
+
+async def enqueue(conn: psycopg.AsyncConnection, jobs: Sequence[NewJob],
+                  only_current_versions: bool = False) -> list[uuid.UUID]:
+    """Insert jobs and wake the workers of their tags at commit (those of delayed jobs
+    too: they learn when to claim next), in one statement.
+
+    `only_current_versions`: insert the jobs only if each pins its Script's current
+    version (`script_hash`), else insert none and raise VersionMoved (jobs of one Script
+    are all inserted or none: one statement sees one version)."""
     if not jobs:
         return []
     now = dt.datetime.now(dt.UTC)
-    await conn.execute(
-        queries.ENQUEUE,
+    cur = await conn.execute(
+        _ENQUEUE[only_current_versions],
         [
             [j.id for j in jobs],
             [j.namespace for j in jobs],
@@ -160,7 +174,12 @@ async def enqueue(conn: psycopg.AsyncConnection, jobs: Sequence[NewJob]) -> list
             [Jsonb(j.labels) for j in jobs],
         ],
     )
-    await conn.execute(queries.NOTIFY_JOBS, [sorted({j.tag for j in jobs})])
+    inserted, _ = await cur.fetchone()
+    if inserted != len(jobs):
+        if only_current_versions and inserted == 0:
+            raise VersionMoved()
+        # Only a guard of several Scripts' versions can do this; refuse rather than queue part.
+        raise RuntimeError(f"enqueue inserted {inserted} of {len(jobs)} jobs")
     return [j.id for j in jobs]
 
 

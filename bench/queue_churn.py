@@ -2,6 +2,7 @@
 
     python bench/queue_churn.py [--rate 5000] [--duration 600] [--processes 2]
                                 [--concurrency 500] [--interval 10]
+                                [--server-set NAME=VALUE ...] [--table-set NAME=VALUE ...]
 
 Starts a throwaway PostgreSQL (the local server binaries, default durable settings:
 fsync on, synchronous_commit on, the server's own autovacuum settings) and migrates it,
@@ -19,8 +20,13 @@ so `jobs` has the storage parameters of migration 0007. Then:
   (queued, running), pg_stat_user_tables of `jobs` (live and dead tuples, the share of
   updates that were HOT in the interval, autovacuums), the size of `jobs` (heap and
   all), of its indexes and of the finished-jobs history (`job_history`, every
-  partition), the oldest open transaction (what holds vacuum back), and the claim
-  call's and enqueue-to-start p50/p99 over the interval.
+  partition), the oldest open transaction (what holds vacuum back), WAL written and
+  checkpoints, the machine's load average (the enqueuer, the workers and the server
+  share its cores), and the claim call's and enqueue-to-start p50/p99 over the interval.
+
+--server-set and --table-set are for experiments (say autovacuum_naptime=10s, or
+fillfactor=100 over the migration's): the defaults measure the schema as migrated on a
+server with PostgreSQL's own autovacuum settings.
 
 It prints one line per sample, then the peaks (dead tuples, `jobs` size, index size,
 history size), first-minute against last-minute claim p99, whether the workers kept up,
@@ -156,12 +162,19 @@ OLDEST_XACT = """
 SELECT coalesce(max(extract(epoch FROM now() - xact_start)), 0)::float8 FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
 """
+# WAL written and checkpoints so far: a checkpoint (every max_wal_size of WAL) brings full
+# page writes and a burst of writes, which a claim's latency can show without any bloat.
+WAL = """
+SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, checkpoints_timed + checkpoints_req
+FROM pg_stat_bgwriter
+"""
 SETTINGS = """
 SELECT name, setting || coalesce(unit, '') FROM pg_settings
 WHERE name IN ('server_version', 'fsync', 'synchronous_commit', 'full_page_writes',
                'shared_buffers', 'autovacuum', 'autovacuum_naptime',
                'autovacuum_max_workers', 'autovacuum_vacuum_threshold',
-               'autovacuum_vacuum_cost_limit', 'vacuum_cost_limit', 'maintenance_work_mem')
+               'autovacuum_vacuum_cost_limit', 'vacuum_cost_limit', 'maintenance_work_mem',
+               'max_wal_size', 'checkpoint_timeout')
 ORDER BY name
 """
 
@@ -192,7 +205,8 @@ def _fmt(value: float | None, width: int, digits: int = 1) -> str:
 
 HEADER = (f"{'t_s':>5} {'enq/s':>6} {'done/s':>6} {'queued':>7} {'run':>5} {'lag':>6} "
           f"{'live':>7} {'dead':>7} {'hot%':>5} {'heapMB':>7} {'jobsMB':>7} {'idxMB':>6} "
-          f"{'histMB':>7} {'avac':>4} {'avac_ago':>8} {'oldxact':>7} "
+          f"{'histMB':>7} {'avac':>4} {'avac_ago':>8} {'oldxact':>7} {'walMB/s':>7} {'ckpt':>4} "
+          f"{'load':>5} "
           f"{'claims':>6} {'perclm':>6} {'clm50':>6} {'clm99':>7} {'e2s50':>7} {'e2s99':>7}")
 
 
@@ -203,7 +217,8 @@ def _line(s: dict) -> str:
             f"{s['jobs_heap_bytes'] / MB:7.1f} {s['jobs_total_bytes'] / MB:7.1f} "
             f"{s['jobs_index_bytes'] / MB:6.1f} {s['history_bytes'] / MB:7.0f} "
             f"{s['autovacuum_count']:4d} {_fmt(s['last_autovacuum_ago_s'], 8, 0)} "
-            f"{s['oldest_xact_s']:7.1f} {s['claims']:6d} {_fmt(s['jobs_per_claim'], 6)} "
+            f"{s['oldest_xact_s']:7.1f} {s['wal_mb_per_s']:7.1f} {s['checkpoints']:4d} "
+            f"{s['load_avg_1m']:5.2f} {s['claims']:6d} {_fmt(s['jobs_per_claim'], 6)} "
             f"{_fmt(s['claim_p50_ms'], 6)} {_fmt(s['claim_p99_ms'], 7)} "
             f"{_fmt(s['wait_p50_ms'], 7)} {_fmt(s['wait_p99_ms'], 7)}")
 
@@ -217,6 +232,7 @@ async def sample_loop(url: str, driver: Driver, timings: multiprocessing.Queue,
     all_waits: list[tuple[float, float]] = []
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         previous = await _row(conn, STATS)
+        prev_wal, first_checkpoints = await _row(conn, WAL)
         prev_t, prev_sent, prev_done = 0.0, 0, 0
         claims: list[tuple[float, int]] = []
         waits: list[float] = []
@@ -237,6 +253,7 @@ async def sample_loop(url: str, driver: Driver, timings: multiprocessing.Queue,
             stats = await _row(conn, STATS)
             heap, total, index, history = await _row(conn, SIZES)
             (oldest_xact,) = await _row(conn, OLDEST_XACT)
+            wal, checkpoints = await _row(conn, WAL)
             done = sent - queued - running
             upd = stats[3] - previous[3]
             hot = stats[4] - previous[4]
@@ -256,6 +273,9 @@ async def sample_loop(url: str, driver: Driver, timings: multiprocessing.Queue,
                 "last_autovacuum_ago_s": None if stats[8] is None else round(stats[8], 1),
                 "jobs_heap_bytes": heap, "jobs_total_bytes": total, "jobs_index_bytes": index,
                 "history_bytes": history, "oldest_xact_s": round(oldest_xact, 1),
+                "wal_mb_per_s": round(float(wal - prev_wal) / MB / span, 1),
+                "checkpoints": checkpoints - first_checkpoints,
+                "load_avg_1m": round(os.getloadavg()[0], 2),
                 "claims": len(claims),
                 "jobs_per_claim": round(sum(n for _, n in claims) / len(claims), 1)
                 if claims else None,
@@ -266,7 +286,7 @@ async def sample_loop(url: str, driver: Driver, timings: multiprocessing.Queue,
             print(_line(sample), flush=True)
             all_claims.extend((t, ms) for ms in claim_ms)
             all_waits.extend((t, ms) for ms in waits)
-            previous, prev_t, prev_sent, prev_done = stats, t, sent, done
+            previous, prev_t, prev_sent, prev_done, prev_wal = stats, t, sent, done, wal
             claims, waits = [], []
             if until.is_set():
                 break
@@ -305,7 +325,14 @@ def summarise(samples: list[dict], claims: list, waits: list, args: argparse.Nam
         "max_driver_lag": max(s["driver_lag"] for s in samples),
         "max_queued": peak["queued"], "final_queued": samples[-1]["queued"],
         "drained_after_s": drained_s,
-        "kept_up": peak["queued"] < args.rate and samples[-1]["driver_lag"] < args.rate,
+        # The workers kept up: the backlog never reached a second of load. The enqueuer kept
+        # the rate: never a second of load behind its schedule (else the machine, not the
+        # queue, set the rate: see load_avg_1m).
+        "workers_kept_up": peak["queued"] < args.rate,
+        "enqueuer_kept_rate": max(s["driver_lag"] for s in samples) < args.rate,
+        "max_load_avg_1m": max(s["load_avg_1m"] for s in samples),
+        "checkpoints": samples[-1]["checkpoints"],
+        "wal_mb_per_s": round(sum(s["wal_mb_per_s"] for s in samples) / len(samples), 1),
         "peak_dead_tup": peak["n_dead_tup"],
         "peak_jobs_heap_mb": round(peak["jobs_heap_bytes"] / MB, 1),
         "peak_jobs_total_mb": round(peak["jobs_total_bytes"] / MB, 1),
@@ -353,7 +380,8 @@ async def run(url: str, args: argparse.Namespace, timings: multiprocessing.Queue
               "behind its schedule; live/dead: pg_stat_user_tables; hot%: HOT share of the "
               "interval's updates; MB: jobs heap, jobs with indexes and TOAST, jobs' indexes, "
               "job_history (all partitions); avac: autovacuums of jobs so far, avac_ago: s "
-              "since the last; oldxact: oldest open transaction, s; claims: claim calls, "
+              "since the last; oldxact: oldest open transaction, s; walMB/s: WAL written; ckpt: "
+              "checkpoints so far; load: the machine's 1-minute load average; claims: claim calls, "
               "perclm: jobs per claim; clm: claim call ms; e2s: enqueue-to-start ms")
         print(HEADER, flush=True)
         until = asyncio.Event()
@@ -394,14 +422,20 @@ def report(result: dict) -> None:
           f"{s['max_queued']} queued, {s['final_queued']} at the end, drained "
           + (f"{s['drained_after_s']} s after the load stopped" if s["drained_after_s"]
              is not None else "not within 60 s")
-          + f"; enqueuer at most {s['max_driver_lag']} jobs behind its schedule; "
-          + ("the workers kept up" if s["kept_up"] else "the workers did NOT keep up"))
+          + f"; enqueuer at most {s['max_driver_lag']} jobs behind its schedule ("
+          + ("kept the rate" if s["enqueuer_kept_rate"] else "did NOT keep the rate")
+          + "); " + ("the workers kept up" if s["workers_kept_up"] else
+                     "the workers did NOT keep up")
+          + f"; {s['wal_mb_per_s']} MB/s of WAL, {s['checkpoints']} checkpoints; 1-minute "
+          f"load average at most {s['max_load_avg_1m']} on {os.cpu_count()} cores")
     print(f"peaks: {s['peak_dead_tup']} dead tuples; jobs {s['peak_jobs_total_mb']} MB "
           f"(heap {s['peak_jobs_heap_mb']} MB, indexes {s['peak_jobs_index_mb']} MB: "
           + ", ".join(f"{k} {v}" for k, v in s["peak_index_mb"].items())
           + f"); job_history {s['final_history_mb']} MB at the end; oldest open transaction "
           f"{s['peak_oldest_xact_s']} s; {s['autovacuums']} autovacuums of jobs; HOT "
           f"{s['hot_pct']}% of updates")
+    if s["duration_s"] <= 60:
+        print("(a run of a minute or less: its first and last minute are the same window)")
     print(f"claim call p50/p99: first minute {s['first_minute_claim_p50_ms']} / "
           f"{s['first_minute_claim_p99_ms']} ms, last minute {s['last_minute_claim_p50_ms']} / "
           f"{s['last_minute_claim_p99_ms']} ms; enqueue-to-start p99 first minute "

@@ -87,14 +87,15 @@ def test_the_bundled_database_password_is_made_once_by_the_setup_hook():
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args == ["setup", "--crds", "--database-secret=gristmill-database",
-                    "--database-host=gm-postgres", f"--namespace={NAMESPACE}"]
+                    "--database-host=gm-postgres", "--worker-token-secret=gm-worker-token-key",
+                    f"--namespace={NAMESPACE}"]
     (env,) = [e for e in by_kind(first, "StatefulSet")["gm-postgres"]["spec"]["template"][
         "spec"]["containers"][0]["env"] if e["name"] == "POSTGRES_PASSWORD"]
     assert env["valueFrom"]["secretKeyRef"] == {"name": "gristmill-database", "key": "password"}
-    # The hook may create Secrets and read only that one.
+    # The hook may create Secrets and read only its own two.
     role = by_kind(first, "Role")["gristmill-setup"]
     assert {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
-            "resourceNames": ["gristmill-database"]} in role["rules"]
+            "resourceNames": ["gristmill-database", "gm-worker-token-key"]} in role["rules"]
 
     # A given password is used as is (escaped in the URL) and outlives `helm uninstall`,
     # as the data volume does.
@@ -104,7 +105,8 @@ def test_the_bundled_database_password_is_made_once_by_the_setup_hook():
         "password": "s3cr@t", "url": "postgresql://gristmill:s3cr%40t@gm-postgres:5432/gristmill"}
     assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     assert setup_job(given)["spec"]["template"]["spec"]["containers"][0]["args"] == [
-        "setup", "--crds"]
+        "setup", "--crds", "--worker-token-secret=gm-worker-token-key",
+        f"--namespace={NAMESPACE}"]
 
 
 def test_the_setup_hook_is_what_the_cli_runs_and_can_be_left_out():
@@ -114,9 +116,59 @@ def test_the_setup_hook_is_what_the_cli_runs_and_can_be_left_out():
     parsed = build_parser().parse_args(job["spec"]["template"]["spec"]["containers"][0]["args"])
     assert parsed.command == "setup" and parsed.crds and parsed.database_host == "gm-postgres"
     assert restricted_violations(job["spec"]["template"]["spec"]) == []
-    # CRDs left to the user and an external database: nothing to do, no hook at all.
-    bare = render({"setup": {"crds": False}, "database": {"url": "postgresql://x/y"}})
+    assert parsed.worker_token_secret == "gm-worker-token-key"
+    # CRDs left to the user, an external database and no API (so no dispatcher and no
+    # worker-token key): nothing to do, no hook at all.
+    bare = render({"setup": {"crds": False}, "database": {"url": "postgresql://x/y"},
+                   "api": {"enabled": False}})
     assert [o for o in bare if o["metadata"]["name"] == "gristmill-setup"] == []
+    # With the API, the hook still makes the key.
+    key_only = setup_job(render({"setup": {"crds": False},
+                                 "database": {"url": "postgresql://x/y"}}))
+    assert key_only["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "setup", "--worker-token-secret=gm-worker-token-key", f"--namespace={NAMESPACE}"]
+
+
+def _env(deployment: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_workers_use_the_api_as_dispatcher_with_the_key_the_setup_hook_makes():
+    from gristmill.operator.worker_tokens import dispatcher_from_env
+
+    objects = render()
+    # Made on the cluster by the hook, never rendered (a render would make a new key).
+    assert "gm-worker-token-key" not in by_kind(objects, "Secret")
+    deployments = by_kind(objects, "Deployment")
+    key = {"secretKeyRef": {"name": "gm-worker-token-key", "key": "keys"}}
+    api, operator = _env(deployments["gristmill-api"]), _env(deployments["gristmill-operator"])
+    assert api["GRISTMILL_WORKER_TOKEN_KEYS"]["valueFrom"] == key
+    assert operator["GRISTMILL_WORKER_TOKEN_KEYS"]["valueFrom"] == key
+    # The operator's URL is the API's Service, at its port.
+    url = operator["GRISTMILL_DISPATCHER_URL"]["value"]
+    assert url == f"http://gristmill-api.{NAMESPACE}.svc:8080"
+    service = by_kind(objects, "Service")["gristmill-api"]
+    assert service["spec"]["ports"][0]["port"] == 8080
+    assert service["metadata"]["namespace"] == NAMESPACE
+    assert f"--allowed-host=gristmill-api.{NAMESPACE}.svc" in deployments["gristmill-api"][
+        "spec"]["template"]["spec"]["containers"][0]["args"]
+    elsewhere = by_kind(render({"api": {"port": 9000}}), "Deployment")["gristmill-operator"]
+    assert _env(elsewhere)["GRISTMILL_DISPATCHER_URL"]["value"] == (
+        f"http://gristmill-api.{NAMESPACE}.svc:9000")
+    # What the operator makes of them: a dispatcher (the key itself comes from the hook).
+    from gristmill.dispatch.tokens import new_key
+    assert dispatcher_from_env({"GRISTMILL_DISPATCHER_URL": url,
+                                "GRISTMILL_WORKER_TOKEN_KEYS": new_key()}).url == url
+    # Two stateless API replicas by default, drained one at a time.
+    assert deployments["gristmill-api"]["spec"]["replicas"] == 2
+    assert by_kind(objects, "PodDisruptionBudget")["gristmill-api"]["spec"][
+        "maxUnavailable"] == 1
+
+    # No API: no dispatcher; the operator's workers connect to the database as before.
+    operator = _env(by_kind(render({"api": {"enabled": False}}), "Deployment")[
+        "gristmill-operator"])
+    assert "GRISTMILL_DISPATCHER_URL" not in operator
+    assert "GRISTMILL_WORKER_TOKEN_KEYS" not in operator
 
 
 def test_an_external_database_replaces_the_bundled_one():
@@ -179,7 +231,7 @@ def test_rbac_is_files_rbac_in_the_release_namespace():
         assert mine == theirs
     policies = by_kind(rendered, "ValidatingAdmissionPolicy")
     bindings = by_kind(rendered, "ValidatingAdmissionPolicyBinding")
-    assert len(policies) == 5 and {b["spec"]["policyName"] for b in bindings.values()} == set(
+    assert len(policies) == 6 and {b["spec"]["policyName"] for b in bindings.values()} == set(
         policies)
     assert all(b["spec"]["validationActions"] == ["Deny"] for b in bindings.values())
 
@@ -244,7 +296,9 @@ def test_the_api_is_ready_with_its_database_and_alive_without_it():
 
 
 def test_several_api_replicas_get_a_disruption_budget():
-    assert "gristmill-api" not in by_kind(render(), "PodDisruptionBudget")
+    assert "gristmill-api" in by_kind(render(), "PodDisruptionBudget")  # 2 by default
+    assert "gristmill-api" not in by_kind(render({"api": {"replicas": 1}}),
+                                          "PodDisruptionBudget")
     budget = by_kind(render({"api": {"replicas": 3}}), "PodDisruptionBudget")["gristmill-api"]
     assert budget["spec"]["maxUnavailable"] == 1
 

@@ -50,18 +50,22 @@ def release(cluster):
 
 
 def api_server(cluster) -> str:
+    """One of the API's pods (two by default: any serves)."""
     pods = get(cluster, "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/name=gristmill-api")
-    (pod,) = [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp")]
-    return f"http://{pod['status']['podIP']}:8080"
+    serving = [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp")
+               and p.get("status", {}).get("podIP")]
+    assert serving, pods
+    return f"http://{serving[0]['status']['podIP']}:8080"
 
 
 def test_the_chart_installs_and_serves_scripts_and_flows(release, cluster):
     _, installed, _ = release
     assert installed["status"] == "deployed"
-    for name in ("gristmill-operator", "gristmill-api", "gristmill-workers-default"):
-        wait_for(f"{name} available", lambda name=name: (get(
+    for name, replicas in (("gristmill-operator", 1), ("gristmill-api", 2),
+                           ("gristmill-workers-default", 1)):
+        wait_for(f"{name} available", lambda name=name, replicas=replicas: (get(
             cluster, "deployment", name, "-n", NAMESPACE) or {}).get("status", {}).get(
-            "readyReplicas") == 1, timeout=120)
+            "readyReplicas") == replicas, timeout=120)
     group = wait_for("the default WorkerGroup Ready", lambda: (lambda g: g if condition(
         g).get("status") == "True" else None)(get(cluster, "workergroup", "default", "-n",
                                                  NAMESPACE)), timeout=90)

@@ -275,7 +275,8 @@ def test_the_admission_policies_type_check(operator, crds):
     """The API server checks each expression against the schemas of the kinds it matches;
     a misspelt field would only warn, and then fail every write (failurePolicy Fail)."""
     for name in ("gristmill-operator-pod-writes", "gristmill-operator-owned-writes",
-                 "gristmill-operator-role-bindings", "gristmill-job-runner-pods"):
+                 "gristmill-operator-role-bindings", "gristmill-job-runner-pods",
+                 "gristmill-operator-secret-writes"):
         checked = wait_for(f"{name} type-checked", lambda name=name: (lambda p: p if (
             p["status"].get("observedGeneration") == p["metadata"]["generation"]) else None)(
             get(crds, "validatingadmissionpolicy", name)))
@@ -353,6 +354,75 @@ def test_the_operator_may_change_only_objects_it_made(operator, crds):
                                       "namespace": TEAM}]}, method="POST")
     assert refused and "binds only the ClusterRole gristmill-job-runner" in refused
     # Its own objects it still writes: the WorkerGroup tests above make and scale them.
+
+
+def test_the_operator_writes_worker_token_secrets_unchanged_and_no_other_secret(operator,
+                                                                               crds):
+    """Dispatcher mode's one Secret per group, as handlers._apply writes it (server-side
+    apply with the operator's token): applied again it is not rewritten, and the operator
+    may neither read Secrets nor write any other."""
+    from gristmill.dispatch import tokens
+    from gristmill.operator.deployment import worker_token_secret as token_secret
+    from gristmill.operator.ownership import OPERATOR_FIELD_MANAGER, server_side_apply
+    from gristmill.operator.worker_tokens import dispatcher_from_env, worker_token
+    from gristmill.spec import WorkerGroup
+
+    dispatcher = dispatcher_from_env({"GRISTMILL_DISPATCHER_URL": "http://api:8080",
+                                      "GRISTMILL_WORKER_TOKEN_KEYS": tokens.new_key()})
+    meta = {"name": "tokens", "namespace": TEAM, "uid": "u-1",
+            "creationTimestamp": "2026-12-01T10:00:00Z"}
+
+    def group_of(tags: list[str]) -> WorkerGroup:
+        return WorkerGroup.model_validate({"apiVersion": "gristmill.io/v1alpha1",
+                                           "kind": "WorkerGroup", "metadata": meta,
+                                           "spec": {"tags": tags}})
+    group = group_of(["python"])
+    core = client.CoreV1Api(config.new_client_from_config(str(operator.kubeconfig)))
+
+    def applied(secret: dict) -> dict:
+        server_side_apply(core.patch_namespaced_secret, copy.deepcopy(secret),
+                          OPERATOR_FIELD_MANAGER)
+        return get(crds, "secret", secret["metadata"]["name"], "-n", TEAM)
+    secrets = f"/api/v1/namespaces/{TEAM}/secrets"
+    try:
+        secret = token_secret(group, worker_token(dispatcher, group, meta))
+        first = applied(secret)
+        assert first["data"] == secret["data"]
+        # The next reconcile: the same token, and nothing written.
+        again = applied(token_secret(group, worker_token(dispatcher, group, dict(meta))))
+        assert again["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+        # New tags: re-issued in place.
+        retagged = group_of(["python", "bash"])
+        changed = applied(token_secret(retagged, worker_token(dispatcher, retagged, meta)))
+        assert changed["metadata"]["resourceVersion"] != first["metadata"]["resourceVersion"]
+
+        # It reads no Secret, not even its own.
+        refused = _refusal(crds, operator.token, f"{secrets}/gristmill-worker-tokens", None,
+                           method="GET")
+        assert refused and refused.startswith("403 "), refused
+        # No other name, type or content, and no Secret of someone else's, even if named so.
+        kubectl(crds, "create", "secret", "generic", "gristmill-worker-theirs", "-n", TEAM,
+                "--from-literal=token=theirs")
+        only = "writes only worker-token Secrets"
+        for body in ({**secret, "metadata": {**secret["metadata"], "name": "payments"}},
+                     {**secret, "type": "kubernetes.io/service-account-token", "metadata": {
+                         **secret["metadata"], "name": "gristmill-worker-sa", "annotations": {
+                             "kubernetes.io/service-account.name": "default"}}},
+                     {**secret, "metadata": {**secret["metadata"], "name": "gristmill-worker-x"},
+                      "data": {**secret["data"], "extra": "eA=="}},
+                     {**secret, "metadata": {**secret["metadata"], "name": "gristmill-worker-y",
+                                             "labels": {}}}):
+            refused = _refusal(crds, operator.token, secrets, body, method="POST")
+            assert refused and refused.startswith("403 ") and only in refused, body
+        theirs = {**secret, "metadata": {**secret["metadata"], "name": "gristmill-worker-theirs"}}
+        with pytest.raises(client.ApiException) as taken:
+            server_side_apply(core.patch_namespaced_secret, theirs, OPERATOR_FIELD_MANAGER)
+        assert taken.value.status == 403 and "may change only Secrets it made" in taken.value.body
+        assert base64.b64decode(get(crds, "secret", "gristmill-worker-theirs", "-n", TEAM)[
+            "data"]["token"]) == b"theirs"
+    finally:
+        kubectl(crds, "delete", "secret", "gristmill-worker-tokens", "gristmill-worker-theirs",
+                "-n", TEAM, "--ignore-not-found", check=False)
 
 
 def test_a_pod_executor_worker_makes_and_deletes_only_job_pods(operator, crds):

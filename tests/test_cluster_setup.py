@@ -1,7 +1,7 @@
 """`gristmill setup`, the chart's pre-install/pre-upgrade hook, against the real API server,
 as the hook's ServiceAccount under exactly the RBAC the chart renders for it: it brings an
-old CRD up to date, makes the bundled database's Secret once and keeps it, and may read
-no other Secret."""
+old CRD up to date, makes the bundled database's Secret and the worker-token key's once
+and keeps them, and may read no other Secret."""
 
 from __future__ import annotations
 
@@ -89,6 +89,44 @@ def test_setup_makes_the_database_secret_once_and_reads_no_other(crds, hook_kube
     refused = kubectl(crds, "get", "secret", "other", "-n", NAMESPACE, check=False,
                       kubeconfig=hook_kubeconfig)
     assert refused.returncode != 0 and "forbidden" in refused.stderr
+
+
+def test_setup_makes_the_worker_token_key_once_and_keeps_it(crds, hook_kubeconfig):
+    from gristmill.dispatch import tokens
+
+    # What the chart's hook Job runs.
+    (job,) = [o for path, text in helm.Chart.load(ROOT / "charts/gristmill").render(
+        None, name="gm", namespace=NAMESPACE, is_install=True).items()
+        if path.endswith("setup.yaml") for o in yaml.safe_load_all(text)
+        if o and o["kind"] == "Job"]
+    args = [a for a in job["spec"]["template"]["spec"]["containers"][0]["args"]
+            if a.startswith(("--worker-token-secret", "--namespace"))]
+    assert args == ["--worker-token-secret=gm-worker-token-key", f"--namespace={NAMESPACE}"]
+
+    first = setup(crds, hook_kubeconfig, *args)
+    assert first.returncode == 0, first.stderr
+    assert f"created Secret {NAMESPACE}/gm-worker-token-key" in first.stdout
+    data = get(crds, "secret", "gm-worker-token-key", "-n", NAMESPACE)["data"]
+    (key,) = tokens.parse_keys(base64.b64decode(data["keys"]).decode())
+    assert len(key) >= tokens.MIN_KEY_BYTES
+
+    again = setup(crds, hook_kubeconfig, *args)  # the next upgrade
+    assert again.returncode == 0, again.stderr
+    assert f"kept Secret {NAMESPACE}/gm-worker-token-key" in again.stdout
+    assert get(crds, "secret", "gm-worker-token-key", "-n", NAMESPACE)["data"] == data
+
+    # A rotation in progress (two keys) is kept too; a Secret without keys is an error.
+    two = base64.b64encode(f"{tokens.new_key()},{base64.b64decode(data['keys']).decode()}"
+                           .encode()).decode()
+    kubectl(crds, "patch", "secret", "gm-worker-token-key", "-n", NAMESPACE, "--type=merge",
+            "-p", json.dumps({"data": {"keys": two}}))
+    kept = setup(crds, hook_kubeconfig, *args)
+    assert kept.returncode == 0 and "kept Secret" in kept.stdout, kept.stderr
+    assert get(crds, "secret", "gm-worker-token-key", "-n", NAMESPACE)["data"]["keys"] == two
+    kubectl(crds, "patch", "secret", "gm-worker-token-key", "-n", NAMESPACE, "--type=json",
+            "-p", json.dumps([{"op": "remove", "path": "/data/keys"}]))
+    broken = setup(crds, hook_kubeconfig, *args)
+    assert broken.returncode == 1 and "exists without the key `keys`" in broken.stderr
 
 
 def test_setup_without_its_rights_says_what_the_api_server_refused(crds):

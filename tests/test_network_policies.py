@@ -96,8 +96,9 @@ def test_only_gristmills_own_pods_reach_the_bundled_postgres():
     for name in ("gristmill-api", "gristmill-operator"):
         assert connects(policies, pods[name], postgres, 5432), name
         assert not connects(policies, pods[name], postgres, 22), name
+    # With the API, workers get their jobs from it (the dispatcher): no database for them.
     for workers in (HOME, PODS, ELSEWHERE, group("runners", TEAM, "process")):
-        assert connects(policies, worker(workers), postgres, 5432), workers.metadata
+        assert not connects(policies, worker(workers), postgres, 5432), workers.metadata
     for workers in (HOME, PODS):
         for network in (True, False):
             assert not connects(policies, job(workers, network), postgres, 5432), network
@@ -108,8 +109,17 @@ def test_only_gristmills_own_pods_reach_the_bundled_postgres():
     # PostgreSQL itself calls nobody.
     assert not allowed(policies, "Egress", postgres, pods["gristmill-api"], 8080)
 
-    # Workers only in the namespaces the operator serves.
-    chart, pods = release({"operator": {"namespaces": [NAMESPACE, TEAM]}})
+    # Without the API, workers connect to the database themselves.
+    chart, pods = release({"api": {"enabled": False}})
+    policies = chart + operator_policies(HOME, PODS, ELSEWHERE)
+    for workers in (HOME, PODS, ELSEWHERE, group("runners", TEAM, "process")):
+        assert connects(policies, worker(workers), pods["gm-postgres"], 5432), workers.metadata
+    for workers in (HOME, PODS):
+        assert not connects(policies, job(workers, True), pods["gm-postgres"], 5432)
+
+    # ...only in the namespaces the operator serves.
+    chart, pods = release({"api": {"enabled": False},
+                           "operator": {"namespaces": [NAMESPACE, TEAM]}})
     policies = chart + operator_policies(HOME, PODS, ELSEWHERE)
     assert connects(policies, worker(PODS), pods["gm-postgres"], 5432)
     assert connects(policies, worker(HOME), pods["gm-postgres"], 5432)
@@ -125,8 +135,20 @@ def test_the_api_is_reached_from_its_namespace_and_where_the_values_say():
     assert not connects(policies, STRANGER, api, 9999)
     assert not connects(policies, job(group("default", NAMESPACE), network=True), api, 8080)
     ingress = Pod("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
-    for outsider in (ingress, worker(PODS)):
-        assert not connects(policies, outsider, api, 8080)
+    assert not connects(policies, ingress, api, 8080)
+    # Workers in any namespace reach the API: it is their dispatcher. Their jobs do not.
+    policies = chart + operator_policies(HOME, PODS, ELSEWHERE)
+    for workers in (PODS, ELSEWHERE, group("runners", TEAM, "process")):
+        assert connects(policies, worker(workers), api, 8080), workers.metadata
+        assert not connects(policies, worker(workers), api, 9999), workers.metadata
+        for network in (True, False):
+            assert not connects(policies, job(workers, network), api, 8080), network
+    assert not connects(policies, Pod(TEAM, {"app": "payments"}), api, 8080)
+    # ...only in the namespaces the operator serves, when it is told which.
+    chart, pods = release({"operator": {"namespaces": [NAMESPACE, TEAM]}})
+    policies = chart + operator_policies(HOME, PODS, ELSEWHERE)
+    assert connects(policies, worker(PODS), pods["gristmill-api"], 8080)
+    assert not connects(policies, worker(ELSEWHERE), pods["gristmill-api"], 8080)
 
     chart, pods = release({"api": {"port": 9000}, "networkPolicies": {"apiFrom": [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
@@ -135,7 +157,7 @@ def test_the_api_is_reached_from_its_namespace_and_where_the_values_say():
     api = pods["gristmill-api"]
     assert connects(chart, ingress, api, 9000) and not connects(chart, ingress, api, 8080)
     assert not connects(chart, Pod("ingress-nginx", {"app": "other"}), api, 9000)
-    assert not connects(chart, worker(PODS), api, 9000)
+    assert connects(chart, worker(PODS), api, 9000)
     (policy,) = [p for p in chart if p["metadata"]["name"] == "gristmill-api"]
     assert {"ipBlock": {"cidr": "10.20.0.0/16"}} in policy["spec"]["ingress"][0]["from"]
 

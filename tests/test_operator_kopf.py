@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 
 import aiohttp
@@ -142,6 +143,71 @@ async def test_scripts_flows_and_worker_groups_reconciled(database_url, tmp_path
             return obj if obj.get("kind") == "Deployment" else None
         template = (await wait_for(pod_workers))["spec"]["template"]["spec"]
         assert template["serviceAccountName"] == "gristmill-workers-pods"
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.mark.timeout(90)
+async def test_with_a_dispatcher_each_group_gets_a_token_secret_its_workers_read(
+        database_url, tmp_path):
+    import base64
+
+    from gristmill.dispatch import tokens
+
+    key = tokens.new_key()
+    server = "http://gristmill-api.gristmill.svc:8080"
+    deployment_path = "apis/apps/v1/namespaces/team-a/deployments/gristmill-workers-gpu"
+    secret_path = "api/v1/namespaces/team-a/secrets/gristmill-worker-gpu"
+    with environment(GRISTMILL_DISPATCHER_URL=server, GRISTMILL_WORKER_TOKEN_KEYS=key):
+        async with emulated_cluster(database_url, tmp_path) as cluster, running_operator():
+            session = cluster.session
+            created = await (await session.post(f"{GROUP}/workergroups", json=manifest(
+                "WorkerGroup", "gpu", {"tags": ["gpu", "cuda"]}))).json()
+
+            async def token_for(tags: tuple[str, ...]):
+                secret = await get(session, secret_path)
+                deployment = await get(session, deployment_path)
+                if secret.get("kind") != "Secret" or deployment.get("kind") != "Deployment":
+                    return None
+                token = base64.b64decode(secret["data"]["token"]).decode()
+                annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+                if (tokens.verify(tokens.parse_keys(key), token).tags != tags
+                        or annotations["gristmill.io/worker-token-sha256"] != hashlib.sha256(
+                            token.encode()).hexdigest()):
+                    return None
+                return token, secret, deployment
+            token, secret, deployment = await wait_for(lambda: token_for(("gpu", "cuda")))
+            grant = tokens.verify(tokens.parse_keys(key), token)
+            assert (grant.namespace, grant.group, grant.group_uid) == (
+                "team-a", "gpu", created["metadata"]["uid"])
+            (owner,) = secret["metadata"]["ownerReferences"]
+            assert owner["uid"] == created["metadata"]["uid"] and owner["kind"] == "WorkerGroup"
+            assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == (
+                "gristmill-operator")
+            env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0][
+                "env"]}
+            assert "GRISTMILL_DATABASE_URL" not in env
+            assert env["GRISTMILL_SERVER"]["value"] == server
+            assert env["GRISTMILL_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+                "name": "gristmill-worker-gpu", "key": "token"}
+
+            # New tags: a new token, and the pod template's hash follows (the pods roll).
+            await session.patch(f"{GROUP}/workergroups/gpu", json={"spec": {"tags": ["gpu"]}},
+                                headers={"Content-Type": "application/merge-patch+json"})
+            retagged, _, _ = await wait_for(lambda: token_for(("gpu",)))
+            assert retagged != token
 
 
 @pytest.mark.timeout(90)

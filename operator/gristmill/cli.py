@@ -583,8 +583,9 @@ def cmd_setup(args: argparse.Namespace) -> int:
     from gristmill import setup_steps
     from gristmill.kube import api_message, load_cluster_config
 
-    if not args.crds and not args.database_secret:
-        raise UsageError("nothing to do: give --crds and/or --database-secret")
+    if not (args.crds or args.database_secret or args.worker_token_secret):
+        raise UsageError("nothing to do: give --crds, --database-secret and/or "
+                         "--worker-token-secret")
     if args.database_secret and not args.database_host:
         raise UsageError("--database-secret needs --database-host (the bundled PostgreSQL's "
                          "Service)")
@@ -598,6 +599,11 @@ def cmd_setup(args: argparse.Namespace) -> int:
                                              args.database_host)
             made = setup_steps.ensure_database_secret(client.CoreV1Api(), db)
             print(f"{'created' if made else 'kept'} Secret {db.namespace}/{db.secret}")
+        if args.worker_token_secret:
+            made = setup_steps.ensure_worker_token_key(client.CoreV1Api(), args.namespace,
+                                                       args.worker_token_secret)
+            print(f"{'created' if made else 'kept'} Secret "
+                  f"{args.namespace}/{args.worker_token_secret}")
     except ApiException as exc:
         print(f"gristmill setup: the API server refused ({exc.status} {exc.reason}): "
               f"{api_message(exc)}", file=sys.stderr)
@@ -856,12 +862,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_crds)
 
     p = sub.add_parser("setup", help="install/upgrade step (the chart's hook): apply the "
-                                     "CRDs, make the bundled database's Secret once")
+                                     "CRDs, make the bundled database's Secret and the "
+                                     "worker-token key's once")
     p.add_argument("--crds", action="store_true", help="server-side apply the CRDs")
     p.add_argument("--database-secret", metavar="NAME",
                    help="create this Secret (url, password) unless it exists")
     p.add_argument("--database-host", help="the bundled PostgreSQL's Service name")
-    p.add_argument("-n", "--namespace", default="default", help="of the Secret")
+    p.add_argument("--worker-token-secret", metavar="NAME",
+                   help="create this Secret (key `keys`: a new worker-token signing key) "
+                        "unless it exists")
+    p.add_argument("-n", "--namespace", default="default", help="of the Secrets")
     p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("apply", help="store Script and Flow manifests in the database (no cluster)")

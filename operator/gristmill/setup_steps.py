@@ -8,6 +8,9 @@ pre-install/pre-upgrade hook Job; Argo CD runs it as a PreSync hook).
   on: rendering it in the chart needs Helm's `lookup`, which `helm template` and Argo CD
   answer with nothing, so every render made a new password that no longer matched the
   data directory.
+- The worker-token signing key's Secret (key `keys`), made once and kept from then on, for
+  the same reason: the API checks worker tokens with it and the operator signs them, and a
+  key that changed on every render would void every token.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from urllib.parse import quote
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from gristmill.dispatch import tokens
 from gristmill.operator.ownership import server_side_apply
 from gristmill.spec.crds import KINDS, crd
 
@@ -101,3 +105,41 @@ def ensure_database_secret(core: client.CoreV1Api, db: BundledDatabase) -> bool:
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+def ensure_worker_token_key(core: client.CoreV1Api, namespace: str, secret: str) -> bool:
+    """Create the worker-token signing key's Secret (key `keys`, one new key) unless it
+    exists; True if it was created. An existing one is never changed: a key is rotated by
+    hand (add the new one first, comma-separated; drop the old once the operator re-issued
+    every token), and only its format is checked here."""
+    try:
+        current = core.read_namespaced_secret(secret, namespace)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+    else:
+        text = (current.data or {}).get("keys")
+        if not text:
+            raise RuntimeError(f"Secret {namespace}/{secret} exists without the key `keys`: "
+                               f"delete it (a new key is made; the operator re-issues every "
+                               f"worker token) or add the signing keys under `keys`")
+        try:
+            tokens.parse_keys(base64.b64decode(text).decode())
+        except ValueError as exc:
+            raise RuntimeError(f"Secret {namespace}/{secret}, key `keys`: {exc}") from None
+        log.info("Secret %s/%s exists: its worker-token keys are kept", namespace, secret)
+        return False
+    body = client.V1Secret(
+        metadata=client.V1ObjectMeta(name=secret, namespace=namespace, labels={
+            "app.kubernetes.io/part-of": "gristmill",
+            "app.kubernetes.io/managed-by": FIELD_MANAGER}),
+        type="Opaque",
+        data={"keys": _b64(tokens.new_key())})
+    try:
+        core.create_namespaced_secret(namespace, body)
+    except ApiException as exc:
+        if exc.status == 409:  # made meanwhile by another run of this step: that one holds
+            return False
+        raise
+    log.info("Secret %s/%s created with a new worker-token signing key", namespace, secret)
+    return True

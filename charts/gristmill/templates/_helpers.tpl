@@ -43,6 +43,23 @@ capabilities: {drop: [ALL]}
     secretKeyRef: {name: {{ include "gristmill.databaseSecret" . }}, key: url}
 {{- end }}
 
+{{/* The worker-token signing keys (key `keys`), made once by the setup hook: the API
+     checks worker tokens with them, the operator signs each WorkerGroup's. */}}
+{{- define "gristmill.workerTokenKeySecret" -}}
+{{ .Release.Name }}-worker-token-key
+{{- end }}
+
+{{- define "gristmill.workerTokenKeysEnv" -}}
+- name: GRISTMILL_WORKER_TOKEN_KEYS
+  valueFrom:
+    secretKeyRef: {name: {{ include "gristmill.workerTokenKeySecret" . }}, key: keys}
+{{- end }}
+
+{{/* The dispatcher's in-cluster URL (the API's Service), which workers connect to. */}}
+{{- define "gristmill.dispatcherURL" -}}
+http://gristmill-api.{{ .Release.Namespace }}.svc:{{ .Values.api.port }}
+{{- end }}
+
 {{/* The bundled PostgreSQL runs unless an external database is given. */}}
 {{- define "gristmill.bundledPostgres" -}}
 {{- $db := .Values.database }}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 from gristmill import labels
@@ -10,6 +12,7 @@ from gristmill.spec import WorkerGroup
 from gristmill.spec.workergroup import DEFAULT_WORKER_IMAGE
 
 HEALTH_PORT = 8081
+TOKEN_SHA256 = "gristmill.io/worker-token-sha256"  # pod template: a new token rolls the pods
 
 
 def object_name(*parts: str) -> str:
@@ -20,6 +23,20 @@ def object_name(*parts: str) -> str:
 
 def deployment_name(group_name: str) -> str:
     return object_name("gristmill-workers", group_name)
+
+
+def token_secret_name(group_name: str) -> str:
+    """The Secret (key `token`) of the group's worker token, in dispatcher mode."""
+    return object_name("gristmill-worker", group_name)
+
+
+@dataclass(frozen=True)
+class DispatchedWorkers:
+    """Workers that get their jobs from the dispatcher (the API) at `server`, showing the
+    token of their group's Secret, instead of connecting to PostgreSQL."""
+
+    server: str
+    token_sha256: str  # of the token the Secret holds: a re-issued one rolls the pods
 
 
 def job_runner_name(group_name: str) -> str:
@@ -68,10 +85,13 @@ POD_WORKER_SECURITY = {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
 
 
 def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | None = None,
-                      default_image: str = DEFAULT_WORKER_IMAGE) -> dict[str, Any]:
+                      default_image: str = DEFAULT_WORKER_IMAGE,
+                      dispatched: DispatchedWorkers | None = None) -> dict[str, Any]:
     """The Deployment running `gristmill worker` for the group's tags.
 
-    The database URL comes from a Secret (key `url`), never from the spec. A
+    The database URL comes from a Secret (key `url`), never from the spec; `dispatched`
+    workers get none, only the dispatcher's URL (GRISTMILL_SERVER) and their group's token
+    (GRISTMILL_WORKER_TOKEN, from the Secret `gristmill-worker-<group>`). A
     pod-executor worker learns its own pod (the owner of its job pods) and the
     job image from its environment, and runs as the group's service account.
     """
@@ -80,8 +100,13 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
     image = spec.image or default_image  # default: the operator's own (--worker-image)
     pod_labels = selector_labels(name)
     pods = spec.executor == "pod"
-    env = [{"name": "GRISTMILL_DATABASE_URL",
-            "valueFrom": {"secretKeyRef": {"name": database_secret, "key": "url"}}}]
+    if dispatched is None:
+        env = [{"name": "GRISTMILL_DATABASE_URL",
+                "valueFrom": {"secretKeyRef": {"name": database_secret, "key": "url"}}}]
+    else:
+        env = [{"name": "GRISTMILL_SERVER", "value": dispatched.server},
+               {"name": "GRISTMILL_WORKER_TOKEN", "valueFrom": {"secretKeyRef": {
+                   "name": token_secret_name(name), "key": "token"}}}]
     # The worker's own grace period ends early enough to hand back what still runs and
     # write its last outcomes before the kubelet's SIGKILL.
     args = ["worker", "--tags", ",".join(spec.tags), "--concurrency", str(spec.concurrency),
@@ -132,6 +157,8 @@ def worker_deployment(group: WorkerGroup, database_secret: str, replicas: int | 
         # the annotation works on every version the CRDs support (1.29 has no field).
         template_metadata["annotations"] = {
             "container.apparmor.security.beta.kubernetes.io/worker": "unconfined"}
+    if dispatched is not None:
+        template_metadata.setdefault("annotations", {})[TOKEN_SHA256] = dispatched.token_sha256
     for key in ("nodeSelector", "tolerations", "affinity"):
         if getattr(spec, key):
             pod_spec[key] = getattr(spec, key)
@@ -205,3 +232,13 @@ def worker_network_policy(group: WorkerGroup) -> dict[str, Any]:
             "ingress": [{"ports": [{"port": HEALTH_PORT, "protocol": "TCP"}]}],
         },
     }
+
+
+def worker_token_secret(group: WorkerGroup, token: str) -> dict[str, Any]:
+    """The Secret `gristmill-worker-<group>` that holds the group's worker token (key
+    `token`), in dispatcher mode; labelled as the operator's own: the admission policy
+    gristmill-operator-secret-writes lets it write no other Secret."""
+    metadata = _workers_object_metadata(group)
+    metadata["name"] = token_secret_name(group.metadata.name)
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque",
+            "data": {"token": base64.b64encode(token.encode()).decode()}}

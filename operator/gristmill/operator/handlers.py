@@ -29,11 +29,13 @@ from gristmill.kube import load_cluster_config
 from gristmill.operator import reconcile
 from gristmill.operator.autoscaler import Autoscaler
 from gristmill.operator.deployment import (
+    DispatchedWorkers,
     deployment_name,
     selector,
     worker_deployment,
     worker_disruption_budget,
     worker_network_policy,
+    worker_token_secret,
 )
 from gristmill.operator.diffbase import SpecDigestDiffBaseStorage
 from gristmill.operator.groups import GroupLoop
@@ -46,6 +48,7 @@ from gristmill.operator.ownership import (
 from gristmill.operator.retrying import retried_when_transient
 from gristmill.operator.secret_access import declared_secrets, secrets_conditions
 from gristmill.operator.secret_sync import SecretAccess
+from gristmill.operator.worker_tokens import dispatcher_from_env, token_sha256, worker_token
 from gristmill.spec import WorkerGroup
 from gristmill.spec.workergroup import DEFAULT_WORKER_IMAGE
 from gristmill.store import connections
@@ -69,6 +72,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         prefix="kopf.zalando.org", key="last-handled-configuration")
     settings.posting.level = 20  # INFO and up become Events
     settings.watching.server_timeout = 300
+    # Workers of the dispatcher (the API) with a token each, or of PostgreSQL directly.
+    memo.dispatcher = dispatcher_from_env(os.environ)
+    log.info("WorkerGroups' workers connect to %s", memo.dispatcher.url if memo.dispatcher
+             else "PostgreSQL (no GRISTMILL_DISPATCHER_URL and GRISTMILL_WORKER_TOKEN_KEYS)")
     url = os.environ["GRISTMILL_DATABASE_URL"]
     await migrate_url(url)  # like the API and the workers: whoever starts first creates it
     memo.pool = connections.pool(url, size=4, min_size=1, name="operator")
@@ -222,6 +229,7 @@ def _calls_for(kind: str):
         "RoleBinding": (client.RbacAuthorizationV1Api, "role_binding"),
         "NetworkPolicy": (client.NetworkingV1Api, "network_policy"),
         "PodDisruptionBudget": (client.PolicyV1Api, "pod_disruption_budget"),
+        "Secret": (client.CoreV1Api, "secret"),  # patch only: it may not read Secrets
     }[kind]
     instance = api()
     return (getattr(instance, f"{verb}_namespaced_{suffix}")
@@ -286,8 +294,19 @@ async def worker_group_changed(body: kopf.Body, patch: kopf.Patch, name: str,
         kopf.adopt(owned, owner=body)
         await asyncio.to_thread(_apply, owned)
     await memo.secret_access.sync(group.metadata.namespace)  # its account reads the Secrets
+    dispatched = None
+    dispatcher = getattr(memo, "dispatcher", None)
+    if dispatcher is not None:
+        # The token before the Deployment that reads it. Applied every time without reading
+        # it back (the operator may not): the same group and key give the same token, and
+        # a no-op apply writes nothing (worker_tokens.py).
+        token = worker_token(dispatcher, group, body["metadata"])
+        secret = worker_token_secret(group, token)
+        kopf.adopt(secret, owner=body)
+        await asyncio.to_thread(_apply, secret)
+        dispatched = DispatchedWorkers(server=dispatcher.url, token_sha256=token_sha256(token))
     deployment = worker_deployment(group, DATABASE_SECRET, replicas=start,
-                                   default_image=WORKER_IMAGE)
+                                   default_image=WORKER_IMAGE, dispatched=dispatched)
     kopf.adopt(deployment, owner=body)
     await asyncio.to_thread(_apply, deployment, autoscaled)
     budget = worker_disruption_budget(group)

@@ -83,6 +83,7 @@ class Node:
     def __init__(self, control_plane: ControlPlane, network: PodNetwork):
         self.cp, self.network = control_plane, network
         self.pods: dict[str, RunningPod] = {}  # by uid
+        self.hosts = SCRATCH / f"hosts-{os.getpid()}-{id(self):x}"  # every pod's /etc/hosts
         self.port = 0
         self._deletions: set[asyncio.Task] = set()
 
@@ -114,17 +115,53 @@ class Node:
         async with aiohttp.ClientSession(headers=headers, connector=connector) as self.session:
             runner = await self._serve_logs()
             await self._register()
+            self._write_hosts({})
             watching = asyncio.create_task(self._watch())
             heartbeats = asyncio.create_task(self._heartbeat())
+            services = asyncio.create_task(self._services())
             ready.set()
             await stop.wait()
-            for task in [watching, heartbeats, *self._deletions]:
+            for task in [watching, heartbeats, services, *self._deletions]:
                 task.cancel()
-            await asyncio.gather(watching, heartbeats, *self._deletions,
+            await asyncio.gather(watching, heartbeats, services, *self._deletions,
                                  return_exceptions=True)
             for running in list(self.pods.values()):
                 await self._stop_pod(running, grace_s=2)
             await runner.cleanup()
+
+    # ---- Services: what cluster DNS and kube-proxy give a pod, in the small ---------------
+
+    async def _services(self) -> None:
+        """Every Service with a selector resolves, in every pod (/etc/hosts), to the address
+        of one running pod it selects: `NAME.NAMESPACE.svc[.cluster.local]` reaches it on
+        the Service's port when that is the pod's port (no proxy here)."""
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                found = await self._api("GET", "/api/v1/services")
+                names: dict[str, str] = {}
+                for service in found["items"]:
+                    meta, selector = service["metadata"], service["spec"].get("selector")
+                    if not selector:
+                        continue
+                    for running in self.pods.values():
+                        pod_meta = running.pod["metadata"]
+                        labels = pod_meta.get("labels", {})
+                        if (pod_meta["namespace"] == meta["namespace"] and not running.stopping
+                                and running.processes
+                                and all(labels.get(k) == v for k, v in selector.items())):
+                            names[f"{meta['name']}.{meta['namespace']}.svc"] = running.ip
+                            break
+                self._write_hosts(names)
+            await asyncio.sleep(0.5)
+
+    def _write_hosts(self, names: dict[str, str]) -> None:
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        lines += [f"{ip} {name} {name}.cluster.local" for name, ip in sorted(names.items())]
+        text = "\n".join(lines) + "\n"
+        SCRATCH.mkdir(parents=True, exist_ok=True)
+        if not self.hosts.exists() or self.hosts.read_text() != text:
+            with open(self.hosts, "w") as hosts:  # in place: pods bind-mount this very file
+                hosts.write(text)
 
     async def _register(self) -> None:
         node = {"apiVersion": "v1", "kind": "Node",
@@ -350,6 +387,7 @@ class Node:
         netns exec` gives) with its volumes in place, the pod's name as its hostname (a UTS
         namespace), then the command."""
         mounts = [f"hostname {shlex.quote(running.pod['metadata']['name'][:63])}",
+                  f"mount --bind {shlex.quote(str(self.hosts))} /etc/hosts",
                   f"mkdir -p {SOURCE_MOUNT} && mount --bind {shlex.quote(str(PROJECT_SOURCE))} "
                   f"{SOURCE_MOUNT}"]
         for mount in container.get("volumeMounts", []):

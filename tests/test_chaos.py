@@ -1,6 +1,7 @@
 """Chaos with real processes: while a stream of Script and Flow runs goes through the API,
 PostgreSQL restarts twice, workers and the API are SIGKILLed, and a worker whose slots
-are all busy is SIGTERMed. Afterwards every run is final, no step completed twice or
+are all busy is SIGTERMed; with workers on the database, and with workers of the API's
+dispatcher (no database credentials: killing the API cuts every worker's link). Afterwards every run is final, no step completed twice or
 ran past its attempts, and every process the test did not kill serves again on its own.
 
 The test plays the kubelet for the processes it kills (it starts a replacement), and
@@ -23,7 +24,7 @@ import pytest
 from flowkit import apply_yaml_at, script
 from test_worker_healing import free_port
 
-from tests import apikit
+from tests import apikit, dispatchkit
 
 MANIFESTS = script("work", """
     import time
@@ -52,27 +53,35 @@ WORKERS = 3
 class Fleet:
     """The processes under test, started as a Deployment's pods would run them."""
 
-    def __init__(self, url: str, api_port: int, token_dir: Path):
+    def __init__(self, url: str, api_port: int, token_dir: Path, dispatched: bool = False):
         self.url, self.api_port = url, api_port
+        self.dispatched = dispatched
         self.token_args = apikit.local_token_args(token_dir)
         self.workers: list[subprocess.Popen] = []
         self.api: subprocess.Popen | None = None
         self.killed: list[int] = []  # pids the test stopped on purpose
 
-    def _spawn(self, *args: str) -> subprocess.Popen:
+    def _spawn(self, *args: str, database: bool = True, **env: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "gristmill.cli", *args, "--database-url", self.url],
-            env={**os.environ, "GRISTMILL_LOG_LEVEL": "CRITICAL"},
+            [sys.executable, "-m", "gristmill.cli", *args,
+             *(["--database-url", self.url] if database else [])],
+            env={**os.environ, "GRISTMILL_LOG_LEVEL": "CRITICAL", **env},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def start_worker(self) -> None:
-        self.workers.append(self._spawn("worker", "--tags", "python", "--concurrency", "2",
-                                        "--lease", "2", "--poll-interval", "0.5",
-                                        "--grace-period", "2"))
+        args = ["worker", "--tags", "python", "--concurrency", "2", "--lease", "2",
+                "--poll-interval", "0.5", "--grace-period", "2"]
+        if self.dispatched:
+            self.workers.append(self._spawn(
+                *args, "--server", f"http://127.0.0.1:{self.api_port}", database=False,
+                GRISTMILL_WORKER_TOKEN=dispatchkit.token(("python",))))
+        else:
+            self.workers.append(self._spawn(*args))
 
     def start_api(self) -> None:
         self.api = self._spawn("api", "--host", "127.0.0.1", "--port", str(self.api_port),
-                               *self.token_args)
+                               "--lease", "2", *self.token_args,
+                               GRISTMILL_WORKER_TOKEN_KEYS=dispatchkit.KEY_TEXT)
 
     def replace_worker(self, index: int, how: signal.Signals) -> None:
         victim = self.workers.pop(index)
@@ -133,9 +142,10 @@ async def wait_until(predicate, timeout: float, what: str) -> None:
         await asyncio.sleep(0.5)
 
 
-async def test_chaos_loses_no_run_and_doubles_no_step(chaos_postgres, tmp_path):
+@pytest.mark.parametrize("workers_on", ["database", "dispatcher"])
+async def test_chaos_loses_no_run_and_doubles_no_step(chaos_postgres, tmp_path, workers_on):
     server, url = chaos_postgres
-    fleet = Fleet(url, free_port(), tmp_path)
+    fleet = Fleet(url, free_port(), tmp_path, dispatched=workers_on == "dispatcher")
     api = f"http://127.0.0.1:{fleet.api_port}"
     for _ in range(WORKERS):
         fleet.start_worker()

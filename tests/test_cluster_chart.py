@@ -58,6 +58,16 @@ def api_server(cluster) -> str:
     return f"http://{serving[0]['status']['podIP']}:8080"
 
 
+def pod_logs(cluster) -> str:
+    """The last lines of the workers' and the API's logs (what a failure needs)."""
+    found = []
+    for deployment in ("gristmill-workers-default", "gristmill-api"):
+        done = kubectl(cluster, "logs", f"deployment/{deployment}", "-n", NAMESPACE,
+                       "--tail", "40", check=False)
+        found.append(f"--- {deployment}\n{done.stdout}{done.stderr}")
+    return "\n".join(found)
+
+
 def test_the_chart_installs_and_serves_scripts_and_flows(release, cluster):
     _, installed, _ = release
     assert installed["status"] == "deployed"
@@ -82,12 +92,19 @@ def test_the_chart_installs_and_serves_scripts_and_flows(release, cluster):
         wait_for(f"{kind} {name} Ready", lambda kind=kind, name=name: condition(get(
             cluster, kind, name, "-n", NAMESPACE)).get("status") == "True", timeout=90)
     server = api_server(cluster)
-    hello = gristmill(cluster, "run", "script", "hello", "-n", NAMESPACE, "--input",
-                      '{"name": "cluster"}', "--wait", server=server)
-    assert hello.returncode == 0, hello.stderr
+    try:
+        hello = gristmill(cluster, "run", "script", "hello", "-n", NAMESPACE, "--input",
+                          '{"name": "cluster"}', "--wait", server=server)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no worker ran the job; the pods say:\n{pod_logs(cluster)}")
+    assert hello.returncode == 0, hello.stderr + pod_logs(cluster)
     assert json.loads(hello.stdout) == {"greeting": "Hello, cluster."}
-    flow = gristmill(cluster, "run", "flow", "process-orders", "-n", NAMESPACE, "--input",
-                     '{"batch": "b-1"}', "--wait", "-o", "json", server=server, timeout=240)
+    try:
+        flow = gristmill(cluster, "run", "flow", "process-orders", "-n", NAMESPACE, "--input",
+                         '{"batch": "b-1"}', "--wait", "-o", "json", server=server, timeout=240)
+    except subprocess.TimeoutExpired:
+        runs = gristmill(cluster, "runs", "-n", NAMESPACE, "-o", "json", server=server)
+        pytest.fail(f"the flow did not finish: {runs.stdout[-3000:]}\n{pod_logs(cluster)}")
     assert flow.returncode == 0, flow.stderr + flow.stdout
     run = json.loads(flow.stdout)
     assert run["status"] == "succeeded" and run["steps"]

@@ -267,3 +267,23 @@ async def test_a_job_wakes_one_claim_not_the_fleet(url, db):
         # One claim statement per notification at most (fewer when they coalesce), however
         # many workers wait: 8 waiting workers do not make 8 claims per job.
         assert claims <= 20 * 1.2 + 2, claims
+
+
+async def test_the_examples_flow_with_retries_and_a_fan_out_runs_through_the_dispatcher(
+        database_url):
+    await apikit.apply_examples(database_url)
+    async with apikit.api_in_process(dispatchkit.api_settings(database_url)) as api, \
+            dispatchkit.running(dispatchkit.worker(api, concurrency=4)), \
+            apikit.session() as http:
+        async with http.post(f"{api}/api/v1/namespaces/default/flows/process-orders/runs",
+                             json={"input": {"batch": "b-1"}}) as response:
+            run_id = (await response.json())["id"]
+        deadline = time.monotonic() + 60
+        while True:
+            async with http.get(f"{api}/api/v1/runs/{run_id}") as response:
+                run = await response.json()
+            if run["status"] in ("succeeded", "failed"):
+                break
+            assert time.monotonic() < deadline, run
+            await asyncio.sleep(0.2)
+        assert run["status"] == "succeeded", run

@@ -299,6 +299,8 @@ class Dispatcher:
             batch = [dataclasses.replace(o, error=outcomes.storable_error(o.error))
                      if o.status != "succeeded" else o for o in batch]
             ended = await outcomes.finish(self.pool, worker_id, batch)
+            if any(job.status == "requeued" for job in ended):
+                self._learn_when_due(session.tags)  # a retry, due after its backoff
             return {"ended": [[str(job.id), job.status] for job in ended]}
         if isinstance(request, protocol.Logs):
             await self._db(lambda conn: logs.append(conn, request.chunks, worker_id=worker_id))
@@ -345,6 +347,14 @@ class Dispatcher:
         finally:
             if session.waiter is waiter:
                 session.waiter = None
+
+    def _learn_when_due(self, tags: tuple[str, ...]) -> None:
+        """A job of the lane was requeued for later (no notification says so): claim once to
+        learn when it is due."""
+        lane = self._lanes.get(tags)
+        if lane is not None:
+            lane.maybe_due = True
+            lane.wake.set()
 
     def _drop_waiter(self, session: Session) -> None:
         waiter = session.waiter

@@ -204,14 +204,14 @@ async def main() -> None:
                     result = await measure(url, workers, args.rate)
                     result["mode"] = args.mode
                 finally:
-                    if api is not None:
-                        api.terminate()
-                        api.wait(timeout=30)
                     Path(stop_file).touch()
                     for process in processes:
                         process.join(timeout=60)
                         if process.is_alive():
                             process.terminate()
+                    if api is not None:  # last: the workers deregister through it
+                        api.terminate()
+                        api.wait(timeout=30)
             finally:
                 server.stop()
         print(f"{workers} workers ({args.mode}): {result['pg_connections']} PostgreSQL connections, "

@@ -62,6 +62,18 @@ async def count(url: str, sql: str, *args) -> int:
         return (await cur.fetchone())[0]
 
 
+async def final_run(http: aiohttp.ClientSession, api: str, run_id: str, timeout: float
+                    ) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        async with http.get(f"{api}/api/v1/runs/{run_id}") as response:
+            run = await response.json()
+        if run["status"] in ("succeeded", "failed", "cancelled"):
+            return run
+        assert time.monotonic() < deadline, run
+        await asyncio.sleep(0.1)
+
+
 async def test_a_worker_without_database_credentials_runs_scripts_and_flows(url):
     async with apikit.api_in_process(dispatchkit.api_settings(url)) as api, \
             dispatchkit.running(dispatchkit.worker(api)), apikit.session() as http:
@@ -76,14 +88,7 @@ async def test_a_worker_without_database_credentials_runs_scripts_and_flows(url)
         async with http.post(f"{api}/api/v1/namespaces/default/flows/pause-then-echo/runs",
                              json={"input": {}}) as response:
             run_id = (await response.json())["id"]
-        deadline = time.monotonic() + 30
-        while True:
-            async with http.get(f"{api}/api/v1/runs/{run_id}") as response:
-                run = await response.json()
-            if run["status"] in ("succeeded", "failed"):
-                break
-            assert time.monotonic() < deadline, run
-            await asyncio.sleep(0.1)
+        run = await final_run(http, api, run_id, timeout=30)
         assert run["status"] == "succeeded", run
 
 
@@ -278,12 +283,5 @@ async def test_the_examples_flow_with_retries_and_a_fan_out_runs_through_the_dis
         async with http.post(f"{api}/api/v1/namespaces/default/flows/process-orders/runs",
                              json={"input": {"batch": "b-1"}}) as response:
             run_id = (await response.json())["id"]
-        deadline = time.monotonic() + 60
-        while True:
-            async with http.get(f"{api}/api/v1/runs/{run_id}") as response:
-                run = await response.json()
-            if run["status"] in ("succeeded", "failed"):
-                break
-            assert time.monotonic() < deadline, run
-            await asyncio.sleep(0.2)
+        run = await final_run(http, api, run_id, timeout=60)
         assert run["status"] == "succeeded", run

@@ -45,7 +45,9 @@ from gristmill.worker import outcomes
 log = logging.getLogger("gristmill.dispatch")
 
 MAX_IN_FLIGHT = 64  # requests of one worker being answered at once
-MAX_CLAIM_STATEMENT = 1000  # jobs one claim statement leases, over all waiting workers
+# Jobs one claim statement leases, over all the lane's waiting workers: a short statement
+# lets a quiet namespace's next job in soon while another's backlog drains.
+MAX_CLAIM_STATEMENT = 250
 CONTROL_BATCH = 200
 SAFETY_CLAIM_S = 30.0  # an idle lane claims this often at most, when workers come to wait
 MIN_CLAIM_GAP_S = 0.05  # a due job another replica holds locked: do not spin on it

@@ -121,8 +121,12 @@ WITH outcome AS (
 ), mine AS (
     SELECT j.*, o.status AS outcome_status, o.result AS outcome_result,
            o.error AS outcome_error, o.retry_delay
-    FROM jobs j JOIN outcome o ON o.id = j.id AND o.attempt = j.attempt
-    WHERE j.worker_id = %(worker)s AND j.status = 'running'
+    FROM outcome o JOIN jobs j ON j.id = o.id AND j.attempt = o.attempt
+    -- By primary key, never through jobs_running_by_worker (IS NOT DISTINCT FROM cannot use
+    -- it): until a vacuum that index keeps an entry for every job the worker ran, and a
+    -- plan that scans it once per outcome stalled finishing for 40 s at 5,000 jobs/s.
+    WHERE j.id = ANY (%(ids)s::uuid[]) AND j.worker_id IS NOT DISTINCT FROM %(worker)s
+      AND j.status = 'running'
 ), requeued AS (
     UPDATE jobs j SET status = 'queued', worker_id = NULL, started_at = NULL,
                       scheduled_for = now() + make_interval(secs => m.retry_delay),

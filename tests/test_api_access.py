@@ -24,6 +24,7 @@ from gristmill.api.access import (
     Authenticated,
     Gate,
     Open,
+    WorkerToken,
     access_middleware,
 )
 from gristmill.api.app import ROUTES, ApiSettings
@@ -147,9 +148,17 @@ CASES: dict[tuple[str, str], RouteCase] = {
 OPEN_ROUTES = {"/healthz", "/readyz", "/metrics"}
 
 
+# Routes for workers, with a WorkerGroup's token rather than a Kubernetes one (their
+# refusals: tests/test_dispatch.py).
+WORKER_ROUTES = {"/api/v1/workers/connect"}
+
+
 def test_every_route_says_what_it_needs_and_has_a_case_here():
     for method, path, _, access in ROUTES:
         if path in OPEN_ROUTES:
+            continue
+        if path in WORKER_ROUTES:
+            assert isinstance(access, WorkerToken), f"{method} {path}"
             continue
         assert not isinstance(access, Open), f"{method} {path} needs no credentials"
         assert (method, path) in CASES, f"{method} {path}: add its case to CASES"

@@ -4,9 +4,10 @@
                                 [--concurrency 500] [--interval 10]
                                 [--server-set NAME=VALUE ...] [--table-set NAME=VALUE ...]
 
-Starts a throwaway PostgreSQL (the local server binaries, default durable settings:
-fsync on, synchronous_commit on, the server's own autovacuum settings) and migrates it,
-so `jobs` has the storage parameters of migration 0007. Then:
+Starts a throwaway PostgreSQL (the local server binaries, durable settings: fsync on,
+synchronous_commit on; autovacuum_naptime 10s, as `gristmill dev` and the chart's bundled
+database run it) and migrates it, so `jobs` has the storage parameters of migration 0007.
+Then:
 
 - --processes worker processes, each one real worker loop
   (gristmill.worker.loop.Worker, the loop `gristmill worker` runs; concurrency
@@ -24,9 +25,9 @@ so `jobs` has the storage parameters of migration 0007. Then:
   checkpoints, the machine's load average (the enqueuer, the workers and the server
   share its cores), and the claim call's and enqueue-to-start p50/p99 over the interval.
 
---server-set and --table-set are for experiments (say autovacuum_naptime=10s, or
-fillfactor=100 over the migration's): the defaults measure the schema as migrated on a
-server with PostgreSQL's own autovacuum settings.
+--server-set and --table-set are for experiments (say autovacuum_vacuum_cost_limit=2000,
+or fillfactor=100 over the migration's): the defaults measure the schema as migrated on
+the server as Gristmill starts it (ALTER SYSTEM cannot undo its command-line settings).
 
 It prints one line per sample, then the peaks (dead tuples, `jobs` size, index size,
 history size), first-minute against last-minute claim p99, whether the workers kept up,

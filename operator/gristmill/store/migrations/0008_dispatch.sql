@@ -123,3 +123,9 @@ BEGIN
          WHERE j.id = picked.id RETURNING j.*'
         USING p_workers, p_limits, gristmill_pick_jobs(p_tags, total);
 END $$;
+
+-- Vacuum must never truncate the queue's table: truncating takes an ACCESS EXCLUSIVE lock
+-- while it scans back over the empty tail pages, and every claim and finish waits behind
+-- it (bench/queue_churn.py: completions stopped for 9 s at 5,000 jobs/s, 60-80 s with
+-- PostgreSQL's default autovacuum_naptime). The queue refills those pages within seconds.
+ALTER TABLE jobs SET (vacuum_truncate = false);

@@ -111,6 +111,11 @@ class _Lane:
     last_claim: float = 0.0
     task: asyncio.Task | None = None
 
+    def nudge(self) -> None:
+        """Jobs may be due (a notification, a requeued retry): claim for the waiting."""
+        self.maybe_due = True
+        self.wake.set()
+
 
 class Dispatcher:
     def __init__(self, settings: DispatchSettings, database_url: str):
@@ -355,8 +360,7 @@ class Dispatcher:
         learn when it is due."""
         lane = self._lanes.get(tags)
         if lane is not None:
-            lane.maybe_due = True
-            lane.wake.set()
+            lane.nudge()
 
     def _drop_waiter(self, session: Session) -> None:
         waiter = session.waiter
@@ -368,9 +372,9 @@ class Dispatcher:
         backoff = connections.Backoff()
         while True:
             now = time.monotonic()
-            lane.waiters = [w for w in lane.waiters if not w.answer.done()]
-            for waiter in [w for w in lane.waiters if w.deadline <= now]:
-                waiter.answer.set_result([])
+            for waiter in lane.waiters:
+                if waiter.deadline <= now and not waiter.answer.done():
+                    waiter.answer.set_result([])
             lane.waiters = [w for w in lane.waiters if not w.answer.done()]
             if not lane.waiters:
                 # Nobody waiting: sleep until someone is.
@@ -393,8 +397,7 @@ class Dispatcher:
                 log.error("claiming for the workers of %s failed, retrying: %s",
                           ",".join(lane.tags), exc)
                 await asyncio.sleep(backoff.next_delay())
-                lane.maybe_due = True
-                lane.wake.set()
+                lane.nudge()
                 continue
             backoff.reset()
             if more:
@@ -472,7 +475,7 @@ class Dispatcher:
                 # As a worker on the database: judge others lost only after a whole lease of
                 # our own beats (after an outage, every live worker's beat is old).
                 if now - beating_since >= self.settings.lease.total_seconds():
-                    await self._reap()
+                    await self._db(lambda conn: outcomes.reap_lost(conn, self.settings.lease))
             except connections.TRANSIENT_ERRORS as exc:
                 beating_since = None
                 log.error("renewing the leases of connected workers failed: %s", exc)
@@ -503,43 +506,25 @@ class Dispatcher:
         await self._db(lambda conn: workers.register(conn, worker_id, tags, concurrency,
                                                      hostname))
 
-    async def _reap(self) -> None:
-        async def reap(conn):
-            reaped = await queue.reap(conn, self.settings.lease)
-            await flow_engine.on_jobs_ended(conn, reaped)
-            return reaped
-
-        reaped = await self._db(reap, transaction=True)
-        if reaped:
-            log.warning("reaped jobs of lost workers: %s", [job.id for job in reaped])
-
     async def _listen(self) -> None:
         """Wake-ups (a tag's lane claims once) and cancellations (leases renewed at once,
         which finds the jobs to cancel), over one connection that reconnects."""
-        backoff = connections.Backoff(cap=10)
-        while True:
-            try:
-                async with await connections.connect(self.url) as conn:
-                    await queue.listen(conn)
-                    backoff.reset()
-                    self.listening.set()
-                    for lane in self._lanes.values():  # what was queued while we were away
-                        lane.maybe_due = True
-                        lane.wake.set()
-                    async for note in conn.notifies():
-                        if note.channel == queue.CANCEL_CHANNEL:
-                            self._beat_now.set()
-                            continue
-                        for lane in self._lanes.values():
-                            if note.payload == "*" or "*" in lane.tags or note.payload in lane.tags:
-                                lane.maybe_due = True
-                                lane.wake.set()
-            except connections.TRANSIENT_ERRORS as exc:
-                self.listening.clear()
-                delay = backoff.next_delay()
-                log.error("dispatcher LISTEN connection lost (%s); reconnecting in %.1fs",
-                          exc, delay)
-                await asyncio.sleep(delay)
+
+        def on_note(note) -> None:
+            if note.channel == queue.CANCEL_CHANNEL:
+                self._beat_now.set()
+                return
+            for lane in self._lanes.values():
+                if note.payload == "*" or "*" in lane.tags or note.payload in lane.tags:
+                    lane.nudge()
+
+        def on_up() -> None:
+            self.listening.set()
+            for lane in self._lanes.values():  # what was queued while we were away
+                lane.nudge()
+
+        await queue.listen_forever(self.url, on_note, on_up,
+                                   lambda exc: self.listening.clear(), "dispatcher")
 
 
 class _Refused(Exception):

@@ -8,9 +8,11 @@ when that transaction commits.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from gristmill import values
-from gristmill.store import ids, notifications, queries
+from gristmill.store import connections, ids, notifications, queries
+
+log = logging.getLogger("gristmill.store")
 
 JOBS_CHANNEL = "gristmill_jobs"
 CANCEL_CHANNEL = "gristmill_cancel"
@@ -139,6 +143,28 @@ class VersionMoved(Exception):
 
 _ENQUEUE = {False: queries.ENQUEUE.format(guard=""),
             True: queries.ENQUEUE.format(guard=queries.ENQUEUE_ONLY_CURRENT)}
+
+
+async def listen_forever(url: str, on_note: Callable[[psycopg.Notify], None],
+                         on_up: Callable[[], None], on_down: Callable[[BaseException], None],
+                         who: str) -> None:
+    """Wake-ups and cancellations for as long as the caller runs, over one connection made
+    again whenever it breaks: `on_up` each time LISTEN is in force (what was sent while
+    away is lost: catch up then), `on_down` when it broke."""
+    backoff = connections.Backoff(cap=10)
+    while True:
+        try:
+            async with await connections.connect(url) as conn:
+                await listen(conn)
+                backoff.reset()
+                on_up()
+                async for note in conn.notifies():
+                    on_note(note)
+        except connections.TRANSIENT_ERRORS as exc:
+            on_down(exc)
+            delay = backoff.next_delay()
+            log.error("%s: LISTEN connection lost (%s); reconnecting in %.1fs", who, exc, delay)
+            await asyncio.sleep(delay)
 
 
 async def enqueue(conn: psycopg.AsyncConnection, jobs: Sequence[NewJob],

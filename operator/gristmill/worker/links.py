@@ -170,11 +170,7 @@ class DirectLink:
                 # Judge other workers dead only after beating for a whole lease ourselves:
                 # after an outage, every live worker's last beat is old until it reconnects.
                 if now - self._heartbeating_since >= self.lease.total_seconds():
-                    async with conn.transaction():
-                        reaped = await queue.reap(conn, self.lease)
-                        await flow_engine.on_jobs_ended(conn, reaped)
-                    if reaped:
-                        log.warning("reaped jobs of lost workers: %s", [job.id for job in reaped])
+                    await outcomes.reap_lost(conn, self.lease)
         except LINK_ERRORS:
             self._heartbeating_since = None
             raise
@@ -183,23 +179,21 @@ class DirectLink:
     async def _listen(self) -> None:
         """Wake-ups and cancellations, over one connection that reconnects when it breaks."""
         tags = set(self._tags)
-        backoff = connections.Backoff(cap=10)
-        while True:
-            try:
-                async with await connections.connect(self.url) as conn:
-                    await queue.listen(conn)
-                    backoff.reset()
-                    self.liveness.listening(True)
-                    self._wakeup.set()  # what was queued while we were away
-                    async for note in conn.notifies():
-                        if note.channel == queue.CANCEL_CHANNEL:
-                            with contextlib.suppress(ValueError):
-                                self.on_cancel(uuid.UUID(note.payload))
-                        elif note.payload == "*" or "*" in tags or note.payload in tags:
-                            self._wakeup.set()
-            except connections.TRANSIENT_ERRORS as exc:
-                self.liveness.listening(False)
-                self.liveness.failed("listen", exc)
-                delay = backoff.next_delay()
-                log.error("LISTEN connection lost (%s); reconnecting in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+
+        def on_note(note) -> None:
+            if note.channel == queue.CANCEL_CHANNEL:
+                with contextlib.suppress(ValueError):
+                    self.on_cancel(uuid.UUID(note.payload))
+            elif note.payload == "*" or "*" in tags or note.payload in tags:
+                self._wakeup.set()
+
+        def on_up() -> None:
+            self.liveness.listening(True)
+            self._wakeup.set()  # what was queued while we were away
+
+        def on_down(exc: BaseException) -> None:
+            self.liveness.listening(False)
+            self.liveness.failed("listen", exc)
+
+        await queue.listen_forever(self.url, on_note, on_up, on_down,
+                                   f"worker {self.worker_id}")

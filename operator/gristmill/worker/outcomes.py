@@ -9,9 +9,11 @@ rather than staying running for ever.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
+import psycopg
 import psycopg_pool
 
 from gristmill import values
@@ -110,3 +112,14 @@ async def _finish_alone(pool: psycopg_pool.AsyncConnectionPool, worker_id: str,
         ended = await queue.finish(conn, worker_id, [failed])
         await flow_engine.fail_stuck_runs(conn, ended, failed.error)
     return ended
+
+
+async def reap_lost(conn: psycopg.AsyncConnection, lease: dt.timedelta) -> list[queue.EndedJob]:
+    """Requeue or fail the jobs of workers silent for over `lease`, and advance their flows,
+    in one commit (whoever reaps: a worker on the database, or the API)."""
+    async with conn.transaction():
+        reaped = await queue.reap(conn, lease)
+        await flow_engine.on_jobs_ended(conn, reaped)
+    if reaped:
+        log.warning("reaped jobs of lost workers: %s", [job.id for job in reaped])
+    return reaped
